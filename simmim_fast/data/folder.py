@@ -1,0 +1,183 @@
+"""Image-folder dataset for SimMIM pretraining (labels ignored; any folder tree works).
+
+Every sample is reproducible from ``(index, item_seed)``: the crop/flip use torch's CPU generator
+seeded with ``item_seed`` (inside ``torch.random.fork_rng`` so the caller's RNG is untouched) and
+the mask uses ``np.random.default_rng(item_seed)``. Results therefore do not depend on the number
+of DataLoader workers or on the order in which samples are produced.
+
+Unreadable files (not an image, truncated, permission error, ...) are skipped silently by moving
+on to the next index; the number of skips is returned with each sample so the caller can report
+an aggregate count instead of one log line per file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+__all__ = ["IMG_EXTENSIONS", "find_images", "SimMIMImageDataset", "simmim_collate"]
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def find_images(root: str | os.PathLike) -> list[pathlib.Path]:
+    """All image files under ``root`` (recursive, case-insensitive extension match), sorted.
+
+    Works for an ImageFolder layout (``root/<class>/<img>``) or any folder tree; symlinked
+    folders are followed. Order is deterministic: sorted by path components relative to root.
+    """
+    root_path = pathlib.Path(root).expanduser()
+    if not root_path.exists():
+        raise FileNotFoundError(f"--data / root {str(root_path)!r} does not exist")
+    if not root_path.is_dir():
+        raise ValueError(f"--data / root {str(root_path)!r} is not a directory")
+    found: list[tuple[tuple[str, ...], pathlib.Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
+        dirnames.sort()
+        base = pathlib.Path(dirpath)
+        for name in filenames:
+            if name.lower().endswith(IMG_EXTENSIONS):
+                path = base / name
+                found.append((path.relative_to(root_path).parts, path))
+    if not found:
+        raise ValueError(
+            f"no images found under {str(root_path)!r} (looked recursively for extensions "
+            f"{', '.join(IMG_EXTENSIONS)}, case-insensitive)"
+        )
+    found.sort(key=lambda item: item[0])
+    return [path for _, path in found]
+
+
+def _derive_seed(base_seed: int, index: int) -> int:
+    """Deterministic 63-bit seed for (dataset seed, index) when the key carries no item seed."""
+    state = np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, int(index)]).generate_state(2, dtype=np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & _SEED_MASK
+
+
+def _load_rgb(path: pathlib.Path) -> Image.Image:
+    """Open and fully decode an image as RGB; raises on any problem (including truncation)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+class SimMIMImageDataset(Dataset):
+    """Images under ``root`` -> ``(image (3,S,S) float32, mask (h,w) int64, skipped int)``.
+
+    Args:
+        root: folder searched recursively by :func:`find_images`.
+        transform: callable PIL image -> tensor (e.g. :func:`build_pretrain_transform`); it must take
+            its randomness from torch's global CPU generator.
+        mask_generator: callable ``mask_generator(rng=np.random.Generator) -> np.ndarray (h, w)``.
+        seed: dataset seed used to derive per-item seeds for plain integer keys.
+        max_skip: how many unreadable files may be skipped for one sample before ``RuntimeError``.
+
+    Keys: an int ``index`` or a tuple ``(index, item_seed)``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        transform: Callable,
+        mask_generator: Callable[..., np.ndarray],
+        seed: int = 0,
+        max_skip: int = 64,
+    ) -> None:
+        if isinstance(max_skip, bool) or not isinstance(max_skip, (int, np.integer)) or max_skip < 0:
+            raise ValueError(f"max_skip must be a non-negative int, got {max_skip!r}")
+        self.root = pathlib.Path(root).expanduser()
+        self.files: list[pathlib.Path] = find_images(self.root)
+        self.transform = transform
+        self.mask_generator = mask_generator
+        self.seed = int(seed)
+        self.max_skip = int(max_skip)
+        if ImageFile.LOAD_TRUNCATED_IMAGES:
+            logger.warning(
+                "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set by some other code: truncated images "
+                "will be decoded partially instead of being skipped"
+            )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(root={str(self.root)!r}, images={len(self.files)}, "
+                f"seed={self.seed}, max_skip={self.max_skip})")
+
+    def _parse_key(self, key) -> tuple[int, int]:
+        if isinstance(key, (tuple, list)):
+            if len(key) != 2:
+                raise TypeError(f"key must be an index or (index, item_seed), got {key!r}")
+            index, item_seed = key
+        else:
+            index, item_seed = key, None
+        if isinstance(index, torch.Tensor):
+            index = index.item()
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {index!r}")
+        index = int(index)
+        n = len(self.files)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for dataset of {n} images")
+        index %= n
+        if item_seed is None:
+            item_seed = _derive_seed(self.seed, index)
+        else:
+            if isinstance(item_seed, torch.Tensor):
+                item_seed = item_seed.item()
+            if isinstance(item_seed, bool) or not isinstance(item_seed, (int, np.integer)) or item_seed < 0:
+                raise ValueError(f"item_seed must be a non-negative int, got {item_seed!r}")
+            item_seed = int(item_seed)
+        return index, item_seed
+
+    def _load_with_skip(self, index: int) -> tuple[Image.Image, int]:
+        n = len(self.files)
+        attempts = min(self.max_skip + 1, n)
+        tried: list[str] = []
+        last_error: BaseException | None = None
+        for skipped in range(attempts):
+            path = self.files[(index + skipped) % n]
+            try:
+                return _load_rgb(path), skipped
+            except Exception as exc:  # any unreadable file is skipped; no per-file log (spam)
+                tried.append(str(path))
+                last_error = exc
+        shown = tried[-5:]
+        raise RuntimeError(
+            f"could not read any image after {len(tried)} tries starting at index {index} "
+            f"(max_skip={self.max_skip}); last files tried: {shown}; "
+            f"last error: {type(last_error).__name__}: {last_error}"
+        ) from last_error
+
+    def __getitem__(self, key):
+        index, item_seed = self._parse_key(key)
+        img, skipped = self._load_with_skip(index)
+        with torch.random.fork_rng(devices=[]):
+            # Seed only the CPU generator (torch.manual_seed would also reseed CUDA generators,
+            # which fork_rng(devices=[]) does not restore).
+            torch.default_generator.manual_seed(item_seed)
+            image = self.transform(img)
+        rng = np.random.default_rng(item_seed)
+        mask = np.ascontiguousarray(self.mask_generator(rng=rng))
+        return image, torch.from_numpy(mask).long(), skipped
+
+
+def simmim_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack ``(image, mask, skipped)`` samples into ``(B,3,S,S), (B,h,w), total skipped``."""
+    if len(batch) == 0:
+        raise ValueError("simmim_collate got an empty batch")
+    images = torch.stack([b[0] for b in batch])
+    masks = torch.stack([torch.as_tensor(b[1]) for b in batch])
+    skipped = int(sum(int(b[2]) for b in batch))
+    return images, masks, skipped

@@ -1,0 +1,26 @@
+"""SimMIM models: timm-based Swin / BEiT-style ViT encoders, the SimMIM wrapper, presets."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .presets import DEFAULT_PRESET, PRESETS, Preset, Recipe, build_encoder, get_preset
+from .simmim import SimMIM
+
+__all__ = ["PRESETS", "DEFAULT_PRESET", "Preset", "Recipe", "SimMIM", "create_model", "get_preset"]
+
+_WRAPPER_KEYS = ("loss", "predict", "in_chans")
+
+
+def create_model(preset: str, *, ops_backend: str = "auto", **overrides) -> SimMIM:
+    """The SimMIM model of a preset (see ``PRESETS``), with encoder keyword ``overrides``.
+
+    ``loss`` (``"l1"``, ``"l2"``, ``"smooth_l1"``) and ``predict`` (``"masked"``, ``"all"``) set the
+    paper's ablation knobs; other overrides go to the encoder (e.g. ``img_size``, ``drop_path_rate``,
+    ``window_size``, ``depths``). An unknown preset raises ``ValueError`` listing the known ones.
+    """
+    p = get_preset(preset)
+    wrapper = {k: overrides.pop(k) for k in _WRAPPER_KEYS if k in overrides}
+    if "in_chans" in wrapper:
+        overrides["in_chans"] = wrapper["in_chans"]
+    encoder = build_encoder(p, ops_backend=ops_backend, **overrides)
+    return SimMIM(encoder, encoder_stride=encoder.encoder_stride, ops_backend=ops_backend, **wrapper)

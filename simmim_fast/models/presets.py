@@ -1,0 +1,116 @@
+"""Presets: the official microsoft/SimMIM pretraining configs, plus small CPU presets.
+
+A preset is an encoder description (``arch`` + keyword arguments for the timm-based encoder) and
+the pretraining recipe of the official config (``configs/*/simmim_pretrain__*.yaml`` over the
+``config.py`` defaults). Learning rates are per 512 images of total batch (the official linear
+scaling ``lr = base_lr * total_batch / 512``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Recipe:
+    img_size: int
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    epochs: int = 100
+    warmup_epochs: int = 10
+    base_lr: float = 2e-4
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    scheduler: str = "cosine"  # "cosine" | "multistep"
+    milestones: tuple[int, ...] = ()  # epochs, for multistep
+    gamma: float = 0.1
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 5.0
+    batch_size: int = 128  # per GPU (official: 128 x 16 GPUs)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    arch: str  # "swin" | "vit"
+    encoder: dict = field(default_factory=dict)
+    recipe: Recipe = field(default_factory=lambda: Recipe(img_size=192))
+    description: str = ""
+
+
+_SWIN_B = dict(patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=6,
+               mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0)
+_VIT_B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True,
+              init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+              drop_path_rate=0.1)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "swin_base_192", "swin", dict(_SWIN_B, img_size=192),
+            Recipe(img_size=192, epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5),
+            "Swin-B, 192 px, window 6, 100 epochs (simmim_pretrain__swin_base__img192_window6__100ep)",
+        ),
+        Preset(
+            "swin_base_192_800ep", "swin", dict(_SWIN_B, img_size=192),
+            Recipe(img_size=192, epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6,
+                   scheduler="multistep", milestones=(700,)),
+            "Swin-B, 192 px, window 6, 800 epochs (simmim_pretrain__swin_base__img192_window6__800ep)",
+        ),
+        Preset(
+            "swin_large_192", "swin",
+            dict(_SWIN_B, img_size=192, embed_dim=192, num_heads=(6, 12, 24, 48), window_size=12),
+            Recipe(img_size=192, epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6,
+                   scheduler="multistep", milestones=(700,)),
+            "Swin-L, 192 px, window 12, 800 epochs (simmim_pretrain__swin_large__img192_window12__800ep)",
+        ),
+        Preset(
+            "vit_base_224", "vit", dict(_VIT_B, img_size=224),
+            Recipe(img_size=224, epochs=800, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6,
+                   scheduler="multistep", milestones=(700,)),
+            "BEiT-style ViT-B/16, 224 px, shared rel-pos bias, 800 epochs (simmim_pretrain__vit_base__img224__800ep)",
+        ),
+        Preset(
+            "swin_tiny_cpu", "swin",
+            dict(img_size=192, patch_size=4, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                 window_size=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0),
+            Recipe(img_size=192, epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5,
+                   batch_size=8),
+            "small Swin (embed 32, depths 1-1-2-1), official 192 px / window 6 geometry: trains on 2 CPU cores in minutes",
+        ),
+        Preset(
+            "vit_tiny_cpu", "vit",
+            dict(_VIT_B, img_size=224, embed_dim=96, depth=2, num_heads=3),
+            Recipe(img_size=224, epochs=100, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6,
+                   scheduler="multistep", milestones=(70,), batch_size=8),
+            "small BEiT-style ViT (embed 96, depth 2) with the ViT-B/16 geometry, for CPU runs",
+        ),
+    ]
+}
+
+DEFAULT_PRESET = "swin_tiny_cpu"
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def build_encoder(preset: Preset, *, ops_backend: str = "auto", **overrides) -> nn.Module:
+    """The preset's encoder with keyword ``overrides`` (timm encoder arguments)."""
+    kwargs = dict(preset.encoder)
+    kwargs.update(overrides)
+    if preset.arch == "swin":
+        from .swin import SwinEncoderForSimMIM
+
+        return SwinEncoderForSimMIM(ops_backend=ops_backend, **kwargs)
+    from .vit import ViTEncoderForSimMIM
+
+    kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+    return ViTEncoderForSimMIM(ops_backend=ops_backend, **kwargs)

@@ -1,0 +1,101 @@
+"""The SimMIM model: encoder + linear prediction head + masked regression loss.
+
+Shapes
+    images   (B, C, H, W)        normalised
+    mask     (B, H/p, W/p) 0/1   at model-patch resolution, or any coarser grid dividing it
+    forward  -> float32 scalar loss (the official ``SimMIM.forward``)
+    predict  -> (B, C, H, W) float32 prediction in image layout
+
+The head is the official 1x1 convolution (kept as ``decoder.0`` so official checkpoints load)
+applied as a linear layer on NHWC features, giving ``(B, h, w, C*s*s)`` in PixelShuffle order;
+the loss reads that layout directly (``ops.masked_l1_loss``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import masked_l1_loss, pixel_shuffle_head
+from ..ops.masked_l1_loss import LOSSES, REGIONS
+
+
+class SimMIM(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        encoder_stride: int,
+        in_chans: int = 3,
+        loss: str = "l1",
+        predict: str = "masked",
+        ops_backend: str = "auto",
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+        if predict not in REGIONS:
+            raise ValueError(f"predict: expected one of {REGIONS}, got {predict!r}")
+        self.encoder = encoder
+        self.encoder_stride = encoder_stride
+        self.in_chans = in_chans
+        self.patch_size = encoder.patch_size
+        self.loss_type = loss
+        self.predict_region = predict
+        self.ops_backend = ops_backend
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, encoder_stride**2 * in_chans, kernel_size=1),
+            nn.PixelShuffle(encoder_stride),
+        )
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        g = self.encoder.grid_size
+        return g[0] * self.patch_size, g[1] * self.patch_size
+
+    def _check(self, images: torch.Tensor, mask: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != self.in_chans:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images: expected (B, {self.in_chans}, H, W), got {shape}")
+        if tuple(images.shape[2:]) != self.img_size:
+            raise ValueError(f"images: expected spatial size {self.img_size} for this model, got {tuple(images.shape[2:])}")
+        if not images.is_floating_point():
+            raise TypeError(f"images: expected a float tensor (normalised), got {images.dtype}")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 3 or mask.shape[0] != images.shape[0]:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask: expected (B, h, w) with B={images.shape[0]}, got {shape}")
+        gh, gw = self.encoder.grid_size
+        if gh % mask.shape[1] or gw % mask.shape[2]:
+            raise ValueError(
+                f"mask: grid {tuple(mask.shape[1:])} must divide the model-patch grid {(gh, gw)} "
+                f"(patch size {self.patch_size})"
+            )
+
+    def _head(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(images, mask)  # (B, h, w, F)
+        conv = self.decoder[0]
+        return F.linear(z, conv.weight.view(conv.weight.shape[0], -1), conv.bias)  # (B, h, w, C*s*s)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Loss (float32 scalar) of the official ``SimMIM.forward(x, mask)``."""
+        self._check(images, mask)
+        pred = self._head(images, mask)
+        return masked_l1_loss(
+            pred, images, mask, loss=self.loss_type, region=self.predict_region, backend=self.ops_backend
+        )
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The prediction in image layout ``(B, C, H, W)``, float32 (what the loss compares)."""
+        self._check(images, mask)
+        pred = self._head(images, mask)
+        return pixel_shuffle_head(pred, in_chans=self.in_chans, backend=self.ops_backend).float()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        if hasattr(self.encoder, "no_weight_decay"):
+            return {"encoder." + n for n in self.encoder.no_weight_decay()}
+        return set()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)

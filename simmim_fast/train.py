@@ -1,0 +1,512 @@
+"""SimMIM pretraining: ``python -m simmim_fast.train`` (one GPU, torchrun, or CPU).
+
+With no argument it pretrains the small ``swin_tiny_cpu`` preset on the embedded default photographs
+on whatever device exists. Options mirror the official recipe (see ``--help``); a YAML ``--config``
+may set any option (keys as the flags, ``-`` or ``_``); flags on the command line win over it, and
+it wins over the preset's recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data.default_data import default_data_dir
+from .data.folder import SimMIMImageDataset, simmim_collate
+from .data.masking import STRATEGIES, MaskGenerator
+from .data.transforms import build_pretrain_transform
+from .models import DEFAULT_PRESET, PRESETS, create_model, get_preset
+from .ops.masked_l1_loss import LOSSES, REGIONS
+from .training import checkpoint as ckpt
+from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from .training.metrics import MetricsLog
+from .training.optim import WarmupScheduler, build_optimizer
+from .training.sampler import ResumableSampler
+from .viz import save_reconstruction_grid
+
+log = logging.getLogger("simmim_fast.train")
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; nothing was saved after it."""
+
+
+@dataclass
+class TrainArgs:
+    """Every option of the CLI. ``None`` means: take the preset's recipe value."""
+
+    preset: str = DEFAULT_PRESET
+    data: str | None = None
+    output: str | None = None
+    resume: str | None = None  # "auto" = newest checkpoint in output, or a path
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    accum_steps: int = 1
+    img_size: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    grad_checkpointing: bool = False
+    num_workers: int | None = None
+    mask_strategy: str = "random"
+    mask_patch_size: int | None = None
+    mask_ratio: float | None = None
+    loss: str = "l1"
+    predict: str = "masked"
+    base_lr: float | None = None
+    warmup_lr: float | None = None
+    min_lr: float | None = None
+    warmup_epochs: float | None = None
+    weight_decay: float | None = None
+    clip_grad: float | None = None
+    drop_path: float | None = None
+    ops_backend: str = "auto"
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    vis_every: int = 0
+    vis_images: int = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m simmim_fast.train",
+        description="SimMIM pretraining. No arguments: the small preset on the embedded photographs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = TrainArgs()
+    p.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
+    p.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default {d.preset})")
+    p.add_argument("--data", default=None, help="folder of images (searched recursively); default: embedded photographs")
+    p.add_argument("--output", default=None, help="run folder for checkpoints, logs, PNGs (default runs/<preset>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the newest checkpoint in --output (or from the given checkpoint file)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's recipe)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=None, help="images per process and micro-step (default: recipe)")
+    p.add_argument("--accum-steps", type=int, default=None, help=f"gradient accumulation micro-steps (default {d.accum_steps})")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default=None,
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--grad-checkpointing", action="store_true", default=None, help="activation checkpointing")
+    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: by device)")
+    p.add_argument("--mask-strategy", choices=STRATEGIES, default=None, help="random (official), square, block")
+    p.add_argument("--mask-patch-size", type=int, default=None, help="mask cell size in pixels (recipe: 32)")
+    p.add_argument("--mask-ratio", type=float, default=None, help="fraction of cells masked (recipe: 0.6)")
+    p.add_argument("--loss", choices=LOSSES, default=None, help="regression loss (official: l1)")
+    p.add_argument("--predict", choices=REGIONS, default=None,
+                   help="masked: loss on masked pixels (official); all: reconstruct all pixels")
+    p.add_argument("--base-lr", type=float, default=None, help="lr per 512 images of total batch (recipe)")
+    p.add_argument("--warmup-lr", type=float, default=None)
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--clip-grad", type=float, default=None, help="grad-norm clip (recipe 5.0; 0 disables)")
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: preset)")
+    p.add_argument("--ops-backend", choices=["auto", "triton", "reference"], default=None)
+    p.add_argument("--log-every", type=int, default=None, help=f"steps between log lines (default {d.log_every})")
+    p.add_argument("--save-every", type=int, default=None, help=f"steps between checkpoints (default {d.save_every})")
+    p.add_argument("--keep-checkpoints", type=int, default=None, help=f"newest checkpoints kept (default {d.keep_checkpoints}; 0 = all)")
+    p.add_argument("--vis-every", type=int, default=None, help="steps between reconstruction PNGs (0: only at the end)")
+    p.add_argument("--vis-images", type=int, default=None, help=f"images per reconstruction PNG (default {d.vis_images})")
+    return p
+
+
+def _load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config: {path} does not exist")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of option: value")
+    known = {f.name for f in fields(TrainArgs)}
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in known:
+            raise ValueError(f"--config: unknown key {k!r} in {path}; known keys: {', '.join(sorted(known))}")
+        out[key] = v
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    """Defaults < YAML ``--config`` < command-line flags."""
+    ns = vars(build_parser().parse_args(argv))
+    merged = asdict(TrainArgs())
+    config = ns.pop("config")
+    if config:
+        merged.update(_load_yaml(config))
+    merged.update({k: v for k, v in ns.items() if v is not None})
+    return TrainArgs(**merged)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything derived from the arguments and the preset's recipe, checked."""
+
+    img_size: int
+    batch_size: int
+    epochs: int
+    mask_patch_size: int
+    mask_ratio: float
+    lr: float
+    warmup_lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    clip_grad: float
+    precision: str
+    num_workers: int
+
+
+def _positive(name: str, value, kind=int) -> None:
+    if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}: expected a positive {kind.__name__}, got {value!r}")
+
+
+def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
+    r = get_preset(a.preset).recipe
+    img_size = a.img_size or r.img_size
+    batch = a.batch_size or r.batch_size
+    epochs = a.epochs or r.epochs
+    mps = a.mask_patch_size or r.mask_patch_size
+    ratio = r.mask_ratio if a.mask_ratio is None else a.mask_ratio
+    _positive("--img-size", img_size)
+    _positive("--batch-size", batch)
+    _positive("--epochs", epochs)
+    _positive("--accum-steps", a.accum_steps)
+    _positive("--mask-patch-size", mps)
+    _positive("--log-every", a.log_every)
+    _positive("--save-every", a.save_every)
+    if a.max_steps is not None:
+        _positive("--max-steps", a.max_steps)
+    if img_size % mps:
+        raise ValueError(f"--mask-patch-size: {mps} must divide --img-size {img_size}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"--mask-ratio: expected a fraction in [0, 1], got {ratio}")
+    precision = a.precision
+    if precision == "auto":
+        precision = "bf16" if info.device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
+    total_batch = batch * info.world_size * a.accum_steps
+    scale = total_batch / 512.0  # the official linear scaling rule (accumulation included)
+    cpus = os.cpu_count() or 1
+    workers = a.num_workers if a.num_workers is not None else (min(8, cpus) if info.device.type == "cuda" else max(1, cpus // 2))
+    return Plan(
+        img_size=img_size,
+        batch_size=batch,
+        epochs=epochs,
+        mask_patch_size=mps,
+        mask_ratio=ratio,
+        lr=(a.base_lr if a.base_lr is not None else r.base_lr) * scale,
+        warmup_lr=(a.warmup_lr if a.warmup_lr is not None else r.warmup_lr) * scale,
+        min_lr=(a.min_lr if a.min_lr is not None else r.min_lr) * scale,
+        warmup_epochs=r.warmup_epochs if a.warmup_epochs is None else a.warmup_epochs,
+        weight_decay=r.weight_decay if a.weight_decay is None else a.weight_decay,
+        clip_grad=r.clip_grad if a.clip_grad is None else a.clip_grad,
+        precision=precision,
+        num_workers=workers,
+    )
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+def _save(path: Path, *, model, optimizer, scheduler, scaler, step, epoch, args, plan, rng_states, world_size):
+    state = {
+        "format": "simmim_fast.pretrain.v1",
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "args": asdict(args),
+        "plan": asdict(plan),
+        "rng": rng_states,
+        "world_size": world_size,
+    }
+    return ckpt.atomic_save(state, path)
+
+
+def train(a: TrainArgs) -> dict:
+    """Run pretraining; returns a summary dict (steps, last checkpoint, img/s, resumed_from)."""
+    info = init_distributed(a.device)
+    try:
+        return _train(a, info)
+    finally:
+        cleanup(info)
+
+
+def _train(a: TrainArgs, info: DistInfo) -> dict:
+    get_preset(a.preset)  # clear error for an unknown preset before anything else
+    plan = make_plan(a, info)
+    output = Path(a.output or os.path.join("runs", a.preset))
+    device = info.device
+
+    # ---- resume point -------------------------------------------------------------------
+    resume_path = None
+    if a.resume is not None:
+        resume_path = ckpt.latest_checkpoint(output) if a.resume == "auto" else Path(a.resume)
+        if resume_path is None and info.is_main:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", output)
+    elif ckpt.list_checkpoints(output):
+        raise ValueError(
+            f"--output: {output} already holds checkpoints; pass --resume to continue that run or choose another --output"
+        )
+    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    if state is not None and state.get("args", {}).get("preset") != a.preset:
+        raise ValueError(f"--resume: {resume_path} was trained with preset {state['args'].get('preset')!r}, not {a.preset!r}")
+
+    torch.manual_seed(a.seed + info.rank)
+    # ---- model ---------------------------------------------------------------------------
+    overrides = {"img_size": plan.img_size, "loss": a.loss, "predict": a.predict}
+    if a.drop_path is not None:
+        overrides["drop_path_rate"] = a.drop_path
+    model = create_model(a.preset, ops_backend=a.ops_backend, **overrides)
+    if a.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if plan.mask_patch_size % model.patch_size:
+        raise ValueError(f"--mask-patch-size: {plan.mask_patch_size} must be a multiple of the model patch size {model.patch_size}")
+    model.to(device)
+
+    # ---- data ----------------------------------------------------------------------------
+    data_root = a.data if a.data is not None else None
+    if data_root is None:
+        if info.is_main:
+            data_root = default_data_dir()
+        barrier(info)
+        data_root = default_data_dir()  # written by rank 0; the others find it complete
+    mask_gen = MaskGenerator(
+        input_size=plan.img_size,
+        mask_patch_size=plan.mask_patch_size,
+        model_patch_size=model.patch_size,
+        mask_ratio=plan.mask_ratio,
+        strategy=a.mask_strategy,
+    )
+    dataset = SimMIMImageDataset(data_root, transform=build_pretrain_transform(plan.img_size), mask_generator=mask_gen, seed=a.seed)
+    sampler = ResumableSampler(
+        len(dataset), batch_size=plan.batch_size, epochs=plan.epochs, rank=info.rank,
+        world_size=info.world_size, seed=a.seed, min_batches=a.accum_steps,
+    )
+    steps_per_epoch = sampler.batches_per_epoch // a.accum_steps
+    total_steps = plan.epochs * steps_per_epoch
+    last_step = min(total_steps, a.max_steps) if a.max_steps else total_steps
+
+    optimizer = build_optimizer(model, lr=plan.lr, weight_decay=plan.weight_decay,
+                                betas=get_preset(a.preset).recipe.betas, eps=get_preset(a.preset).recipe.eps)
+    recipe = get_preset(a.preset).recipe
+    scheduler = WarmupScheduler(
+        optimizer, base_lr=plan.lr, warmup_lr=plan.warmup_lr, min_lr=plan.min_lr, total_steps=total_steps,
+        warmup_steps=int(plan.warmup_epochs * steps_per_epoch), kind=recipe.scheduler,
+        milestones=tuple(m * steps_per_epoch for m in recipe.milestones), gamma=recipe.gamma,
+    )
+    amp_dtype = PRECISIONS[plan.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
+
+    step = 0
+    if state is not None:
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+        if info.is_main:
+            log.info("resumed from %s at step %d", resume_path, step)
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+    if info.distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler.set_start(step // steps_per_epoch, (step % steps_per_epoch) * a.accum_steps)
+    loader = DataLoader(
+        dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=plan.num_workers,
+        collate_fn=simmim_collate, pin_memory=device.type == "cuda", drop_last=True,
+        generator=torch.Generator().manual_seed(a.seed),  # keeps the global RNG untouched (resume)
+        persistent_workers=False, prefetch_factor=4 if plan.num_workers > 0 else None,
+    )
+
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(output, resume_step=step) if info.is_main else None
+    if info.is_main:
+        log.info(
+            "preset %s on %s x%d, %s | %d images from %s | batch %d x %d ranks x %d accum = %d | lr %.3g | "
+            "%d steps/epoch, %d epochs, running steps %d..%d | output %s",
+            a.preset, device, info.world_size, plan.precision, len(dataset), data_root, plan.batch_size,
+            info.world_size, a.accum_steps, plan.batch_size * info.world_size * a.accum_steps, plan.lr,
+            steps_per_epoch, plan.epochs, step + 1, last_step, output,
+        )
+
+    model.train()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    loss_count = 0
+    grad_norm = torch.zeros((), device=device)
+    skipped_total = 0
+    images_since = 0
+    t_log = t_start = time.perf_counter()
+    rates: list[float] = []
+    last_saved = step if state is not None else None
+    last_ckpt = resume_path
+    first_step, checked_step = step, step
+    vis_batch = None
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=plan.precision != "fp32")
+    pbar = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not info.is_main,
+                dynamic_ncols=True, mininterval=1.0)
+
+    def check_finite() -> None:
+        nonlocal checked_step
+        if bool(nonfinite):  # host sync, only at log/save steps
+            msg = (
+                f"loss became NaN/inf between step {checked_step + 1} and step {step}; stopping. "
+                f"Nothing was saved after it: last good checkpoint: {last_ckpt or 'none'}"
+            )
+            raise TrainingDiverged(msg)
+        checked_step = step
+
+    def save_now() -> Path:
+        nonlocal last_saved, last_ckpt
+        check_finite()
+        rng_states = all_gather_objects(ckpt.rng_state(), info)
+        path = None
+        if info.is_main:
+            path = _save(ckpt.checkpoint_path(output, step), model=model, optimizer=optimizer, scheduler=scheduler,
+                         scaler=scaler, step=step, epoch=step // steps_per_epoch, args=a, plan=plan,
+                         rng_states=rng_states, world_size=info.world_size)
+            ckpt.prune_checkpoints(output, a.keep_checkpoints)
+        barrier(info)
+        last_saved, last_ckpt = step, path or ckpt.checkpoint_path(output, step)
+        return last_ckpt
+
+    def save_pictures() -> None:
+        if not info.is_main or vis_batch is None:
+            return
+        images, masks = vis_batch
+        net = _unwrap(model)
+        net.eval()
+        with autocast:
+            pred = net.predict(images, masks)
+        net.train()
+        save_reconstruction_grid(output / f"reconstruction_{step:08d}.png", images, masks, pred)
+
+    micro = 0
+    try:
+        if step < last_step:
+            for images, masks, skipped in loader:
+                images = images.to(device, non_blocking=True)
+                masks = masks.to(device, non_blocking=True)
+                skipped_total += skipped
+                if vis_batch is None:
+                    vis_batch = (images[: a.vis_images].clone(), masks[: a.vis_images].clone())
+                last_micro = (micro + 1) % a.accum_steps == 0
+                sync_ctx = model.no_sync() if (info.distributed and not last_micro) else contextlib.nullcontext()
+                if micro % a.accum_steps == 0:
+                    scheduler.step_update(step)
+                with sync_ctx:
+                    with autocast:
+                        loss = model(images, masks)
+                    scaler.scale(loss / a.accum_steps).backward()
+                loss_d = loss.detach()
+                nonfinite |= ~torch.isfinite(loss_d)
+                loss_sum += loss_d
+                loss_count += 1
+                images_since += images.shape[0] * info.world_size
+                micro += 1
+                if not last_micro:
+                    continue
+                if plan.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                pbar.update(1)
+
+                if step % a.log_every == 0 or step == last_step:
+                    check_finite()
+                    now = time.perf_counter()
+                    rate = images_since / max(now - t_log, 1e-9)
+                    rates.append(rate)
+                    mean_loss = (loss_sum / max(loss_count, 1)).item()
+                    row = {
+                        "step": step, "epoch": step // steps_per_epoch, "loss": mean_loss,
+                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                        "img_per_s": round(rate, 3), "skipped_images": skipped_total,
+                        "elapsed_s": round(now - t_start, 3),
+                    }
+                    if metrics is not None:
+                        metrics.write(row)
+                    pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}", lr=f"{row['lr']:.2e}")
+                    if skipped_total and info.is_main:
+                        log.info("skipped %d unreadable image files so far", skipped_total)
+                    loss_sum.zero_()
+                    loss_count, images_since, t_log = 0, 0, now
+                if step % a.save_every == 0 and step != last_step:
+                    save_now()
+                if a.vis_every and step % a.vis_every == 0 and step != last_step:
+                    save_pictures()
+                if step >= last_step:
+                    break
+        if last_saved != step:
+            save_now()
+        save_pictures()
+    finally:
+        pbar.close()
+        if metrics is not None:
+            metrics.close()
+
+    summary = {
+        "steps": step,
+        "steps_this_run": step - first_step,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "img_per_s": (sum(rates[1:]) / len(rates[1:])) if len(rates) > 1 else (rates[0] if rates else float("nan")),
+        "resumed_from": str(resume_path) if resume_path else None,
+        "skipped_images": skipped_total,
+        "output": str(output),
+    }
+    if info.is_main:
+        print(
+            f"done: step {step}/{total_steps}, {summary['steps_this_run']} steps this run, "
+            f"{summary['img_per_s']:.1f} img/s, checkpoint {summary['checkpoint']}",
+            flush=True,
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        args = parse_args(argv)
+        train(args)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

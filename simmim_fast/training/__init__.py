@@ -1,0 +1,1 @@
+"""Pieces of the pretraining loop: optimizer/schedule, sampler, checkpoints, logs, distributed setup."""
