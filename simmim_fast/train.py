@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import sys
 import time
@@ -184,11 +183,14 @@ def _positive(name: str, value, kind=int) -> None:
 
 def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
     r = get_preset(a.preset).recipe
-    img_size = a.img_size or r.img_size
-    batch = a.batch_size or r.batch_size
-    epochs = a.epochs or r.epochs
-    mps = a.mask_patch_size or r.mask_patch_size
-    ratio = r.mask_ratio if a.mask_ratio is None else a.mask_ratio
+    def pick(value, default):
+        return default if value is None else value
+
+    img_size = pick(a.img_size, r.img_size)
+    batch = pick(a.batch_size, r.batch_size)
+    epochs = pick(a.epochs, r.epochs)
+    mps = pick(a.mask_patch_size, r.mask_patch_size)
+    ratio = pick(a.mask_ratio, r.mask_ratio)
     _positive("--img-size", img_size)
     _positive("--batch-size", batch)
     _positive("--epochs", epochs)
@@ -217,12 +219,12 @@ def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
         epochs=epochs,
         mask_patch_size=mps,
         mask_ratio=ratio,
-        lr=(a.base_lr if a.base_lr is not None else r.base_lr) * scale,
-        warmup_lr=(a.warmup_lr if a.warmup_lr is not None else r.warmup_lr) * scale,
-        min_lr=(a.min_lr if a.min_lr is not None else r.min_lr) * scale,
-        warmup_epochs=r.warmup_epochs if a.warmup_epochs is None else a.warmup_epochs,
-        weight_decay=r.weight_decay if a.weight_decay is None else a.weight_decay,
-        clip_grad=r.clip_grad if a.clip_grad is None else a.clip_grad,
+        lr=pick(a.base_lr, r.base_lr) * scale,
+        warmup_lr=pick(a.warmup_lr, r.warmup_lr) * scale,
+        min_lr=pick(a.min_lr, r.min_lr) * scale,
+        warmup_epochs=pick(a.warmup_epochs, r.warmup_epochs),
+        weight_decay=pick(a.weight_decay, r.weight_decay),
+        clip_grad=pick(a.clip_grad, r.clip_grad),
         precision=precision,
         num_workers=workers,
     )
@@ -376,7 +378,10 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
 
     def check_finite() -> None:
         nonlocal checked_step
-        if bool(nonfinite):  # host sync, only at log/save steps
+        flag = nonfinite.to(torch.int32)
+        if info.distributed:  # every rank stops together
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if bool(flag):  # host sync, only at log/save steps
             msg = (
                 f"loss became NaN/inf between step {checked_step + 1} and step {step}; stopping. "
                 f"Nothing was saved after it: last good checkpoint: {last_ckpt or 'none'}"
@@ -448,7 +453,11 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                     now = time.perf_counter()
                     rate = images_since / max(now - t_log, 1e-9)
                     rates.append(rate)
-                    mean_loss = (loss_sum / max(loss_count, 1)).item()
+                    mean_loss_t = loss_sum / max(loss_count, 1)
+                    if info.distributed:  # the log shows the loss over all ranks
+                        torch.distributed.all_reduce(mean_loss_t)
+                        mean_loss_t /= info.world_size
+                    mean_loss = mean_loss_t.item()
                     row = {
                         "step": step, "epoch": step // steps_per_epoch, "loss": mean_loss,
                         "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),

@@ -160,6 +160,9 @@ def save_reconstruction_grid(path, images, mask, pred, **kw) -> pathlib.Path:
             img.save(f, format="PNG")
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the PNG the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:

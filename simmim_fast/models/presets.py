@@ -79,15 +79,17 @@ PRESETS: dict[str, Preset] = {
             "swin_tiny_cpu", "swin",
             dict(img_size=192, patch_size=4, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
                  window_size=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0),
-            Recipe(img_size=192, epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5,
+            # not an official config: lr chosen so that the linear scaling gives 1e-3 at batch 8
+            Recipe(img_size=192, epochs=200, warmup_epochs=10, base_lr=6.4e-2, warmup_lr=6.4e-5, min_lr=6.4e-4,
                    batch_size=8),
             "small Swin (embed 32, depths 1-1-2-1), official 192 px / window 6 geometry: trains on 2 CPU cores in minutes",
         ),
         Preset(
             "vit_tiny_cpu", "vit",
             dict(_VIT_B, img_size=224, embed_dim=96, depth=2, num_heads=3),
-            Recipe(img_size=224, epochs=100, warmup_epochs=10, base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6,
-                   scheduler="multistep", milestones=(70,), batch_size=8),
+            # not an official config: lr chosen so that the linear scaling gives 5e-4 at batch 8
+            Recipe(img_size=224, epochs=200, warmup_epochs=10, base_lr=3.2e-2, warmup_lr=3.2e-5, min_lr=3.2e-4,
+                   scheduler="multistep", milestones=(150,), batch_size=8),
             "small BEiT-style ViT (embed 96, depth 2) with the ViT-B/16 geometry, for CPU runs",
         ),
     ]
