@@ -293,12 +293,12 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
     model.to(device)
 
     # ---- data ----------------------------------------------------------------------------
-    data_root = a.data if a.data is not None else None
+    data_root = a.data
     if data_root is None:
         if info.is_main:
-            data_root = default_data_dir()
+            default_data_dir()  # rank 0 writes the embedded photographs once
         barrier(info)
-        data_root = default_data_dir()  # written by rank 0; the others find it complete
+        data_root = default_data_dir()
     mask_gen = MaskGenerator(
         input_size=plan.img_size,
         mask_patch_size=plan.mask_patch_size,
@@ -315,9 +315,8 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
     total_steps = plan.epochs * steps_per_epoch
     last_step = min(total_steps, a.max_steps) if a.max_steps else total_steps
 
-    optimizer = build_optimizer(model, lr=plan.lr, weight_decay=plan.weight_decay,
-                                betas=get_preset(a.preset).recipe.betas, eps=get_preset(a.preset).recipe.eps)
     recipe = get_preset(a.preset).recipe
+    optimizer = build_optimizer(model, lr=plan.lr, weight_decay=plan.weight_decay, betas=recipe.betas, eps=recipe.eps)
     scheduler = WarmupScheduler(
         optimizer, base_lr=plan.lr, warmup_lr=plan.warmup_lr, min_lr=plan.min_lr, total_steps=total_steps,
         warmup_steps=int(plan.warmup_epochs * steps_per_epoch), kind=recipe.scheduler,
