@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .data.dali import DATA_BACKENDS, DaliLoader, select_data_backend
 from .data.default_data import default_data_dir
 from .data.folder import SimMIMImageDataset, simmim_collate
 from .data.masking import STRATEGIES, MaskGenerator
@@ -62,6 +63,7 @@ class TrainArgs:
     seed: int = 0
     grad_checkpointing: bool = False
     num_workers: int | None = None
+    data_backend: str = "auto"
     mask_strategy: str = "random"
     mask_patch_size: int | None = None
     mask_ratio: float | None = None
@@ -105,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true", default=None, help="activation checkpointing")
-    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: by device)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loader workers / DALI CPU threads (default: by device)")
+    p.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
+                   help="input pipeline: torch DataLoader, DALI (nvJPEG on CUDA, CPU mode on CPU), or auto = "
+                        "DALI when nvidia.dali imports and the device is CUDA, else torch (default auto)")
     p.add_argument("--mask-strategy", choices=STRATEGIES, default=None, help="random (official), square, block")
     p.add_argument("--mask-patch-size", type=int, default=None, help="mask cell size in pixels (recipe: 32)")
     p.add_argument("--mask-ratio", type=float, default=None, help="fraction of cells masked (recipe: 0.6)")
@@ -306,11 +312,22 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
         mask_ratio=plan.mask_ratio,
         strategy=a.mask_strategy,
     )
-    dataset = SimMIMImageDataset(data_root, transform=build_pretrain_transform(plan.img_size), mask_generator=mask_gen, seed=a.seed)
-    sampler = ResumableSampler(
-        len(dataset), batch_size=plan.batch_size, epochs=plan.epochs, rank=info.rank,
-        world_size=info.world_size, seed=a.seed, min_batches=a.accum_steps,
-    )
+    data_backend = select_data_backend(a.data_backend, device)  # logs its choice once
+    if data_backend == "dali":
+        # DALI: same order/sharding as ResumableSampler; on CUDA the batches arrive on the GPU
+        sampler = dataset = DaliLoader(
+            data_root, batch_size=plan.batch_size, mask_generator=mask_gen, device=device, epochs=plan.epochs,
+            shard_id=info.rank, num_shards=info.world_size, seed=a.seed, min_batches=a.accum_steps,
+            num_threads=plan.num_workers,
+        )
+        n_images = len(dataset.files)
+    else:
+        dataset = SimMIMImageDataset(data_root, transform=build_pretrain_transform(plan.img_size), mask_generator=mask_gen, seed=a.seed)
+        sampler = ResumableSampler(
+            len(dataset), batch_size=plan.batch_size, epochs=plan.epochs, rank=info.rank,
+            world_size=info.world_size, seed=a.seed, min_batches=a.accum_steps,
+        )
+        n_images = len(dataset)
     steps_per_epoch = sampler.batches_per_epoch // a.accum_steps
     total_steps = plan.epochs * steps_per_epoch
     last_step = min(total_steps, a.max_steps) if a.max_steps else total_steps
@@ -339,21 +356,27 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
     if info.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # Resume: both backends restart at this rank's sample of the interrupted epoch (same images, same
+    # order). torch also replays the same crops/flips/masks (per-item seeds); DALI draws new ones
+    # (pipeline seed derived from the restart position).
     sampler.set_start(step // steps_per_epoch, (step % steps_per_epoch) * a.accum_steps)
-    loader = DataLoader(
-        dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=plan.num_workers,
-        collate_fn=simmim_collate, pin_memory=device.type == "cuda", drop_last=True,
-        generator=torch.Generator().manual_seed(a.seed),  # keeps the global RNG untouched (resume)
-        persistent_workers=False, prefetch_factor=4 if plan.num_workers > 0 else None,
-    )
+    if data_backend == "dali":
+        loader = dataset
+    else:
+        loader = DataLoader(
+            dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=plan.num_workers,
+            collate_fn=simmim_collate, pin_memory=device.type == "cuda", drop_last=True,
+            generator=torch.Generator().manual_seed(a.seed),  # keeps the global RNG untouched (resume)
+            persistent_workers=False, prefetch_factor=4 if plan.num_workers > 0 else None,
+        )
 
     output.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(output, resume_step=step) if info.is_main else None
     if info.is_main:
         log.info(
-            "preset %s on %s x%d, %s | %d images from %s | batch %d x %d ranks x %d accum = %d | lr %.3g | "
+            "preset %s on %s x%d, %s | %d images from %s (%s) | batch %d x %d ranks x %d accum = %d | lr %.3g | "
             "%d steps/epoch, %d epochs, running steps %d..%d | output %s",
-            a.preset, device, info.world_size, plan.precision, len(dataset), data_root, plan.batch_size,
+            a.preset, device, info.world_size, plan.precision, n_images, data_root, data_backend, plan.batch_size,
             info.world_size, a.accum_steps, plan.batch_size * info.world_size * a.accum_steps, plan.lr,
             steps_per_epoch, plan.epochs, step + 1, last_step, output,
         )
