@@ -8,6 +8,7 @@ Public API (see shared ARCHITECTURE note):
 from . import ops
 from .data.masking import MaskGenerator, avg_dist
 from .models import PRESETS, create_model
+from .models.window_attention import swap_window_attention
 
-__all__ = ["MaskGenerator", "avg_dist", "create_model", "PRESETS", "ops"]
+__all__ = ["MaskGenerator", "avg_dist", "create_model", "PRESETS", "ops", "swap_window_attention"]
 __version__ = "0.1.0"

@@ -33,6 +33,8 @@ __all__ = [
     "probe_dali_gpu",
     "probe_native_dali_plugin",
     "probe_ops",
+    "probe_window_attention",
+    "format_window_attention",
     "collect_info",
     "format_report",
     "main",
@@ -320,6 +322,33 @@ def probe_ops() -> tuple[BackendStatus, dict[str, Any]]:
     return BackendStatus("ops", True, None, []), report
 
 
+def probe_window_attention() -> dict:
+    """Which Swin window-attention backend ``auto`` runs here and why (see
+    ``simmim_fast.models.window_attention.window_attention_report``). Never raises."""
+    try:
+        from simmim_fast.models.window_attention import window_attention_report
+
+        return _jsonable(window_attention_report())
+    except Exception as exc:
+        return {"auto": None, "error": f"probe failed: {_err(exc)}"}
+
+
+def format_window_attention(report: dict) -> list[str]:
+    """Report lines of :func:`probe_window_attention`."""
+    lines = ["window attention (Swin, attn_backend='auto')"]
+    if report.get("error"):
+        lines.append(f"  {report['error']}")
+        return lines
+    lines.append(f"  auto -> {report.get('auto')}")
+    for r in report.get("xformers_reasons", []):
+        lines.append(f"      - xformers: {r}")
+    for r in report.get("sdpa_reasons", []):
+        lines.append(f"      - sdpa: {r}")
+    for n in report.get("notes", []):
+        lines.append(f"      . {n}")
+    return lines
+
+
 # --------------------------------------------------------------------------- collection
 
 
@@ -379,8 +408,9 @@ def collect_info() -> dict:
     """Everything the report prints, as a JSON-serialisable dict.
 
     Keys: ``python``, ``platform``, ``packages``, ``torch``, ``backends`` (name -> status
-    dict with ``usable``, ``version``, ``reasons``, ``notes``) and ``ops`` (op name -> the
-    entry of ``simmim_fast.ops.backend_report()`` or the reason it is unavailable).
+    dict with ``usable``, ``version``, ``reasons``, ``notes``), ``ops`` (op name -> the
+    entry of ``simmim_fast.ops.backend_report()`` or the reason it is unavailable) and
+    ``window_attention`` (the backend ``auto`` picks for Swin window attention, with reasons).
     """
     backends: list[BackendStatus] = [
         _safe("triton", probe_triton),
@@ -396,6 +426,7 @@ def collect_info() -> dict:
         reason = f"probe failed: {_err(exc)}"
         ops_status, ops_report = BackendStatus("ops", False, None, [reason]), {n: [reason] for n in OP_NAMES}
     backends.append(ops_status)
+    window_attention = probe_window_attention()
     try:
         torch_info = _torch_info()
     except Exception as exc:
@@ -411,6 +442,7 @@ def collect_info() -> dict:
         "torch": torch_info,
         "backends": {b.name: b.to_dict() for b in backends},
         "ops": ops_report,
+        "window_attention": window_attention,
     }
 
 
@@ -460,6 +492,9 @@ def format_report(info: dict) -> str:
                 add(f"      {k}: {v if v else 'ok'}")
         else:
             add(f"  {name:<20} {reasons}")
+    if "window_attention" in info:
+        add("")
+        lines.extend(format_window_attention(info["window_attention"]))
     return "\n".join(lines)
 
 

@@ -5,8 +5,10 @@ import torch.nn as nn
 
 from .presets import DEFAULT_PRESET, PRESETS, Preset, Recipe, build_encoder, get_preset
 from .simmim import SimMIM
+from .window_attention import WindowAttention, swap_window_attention
 
-__all__ = ["PRESETS", "DEFAULT_PRESET", "Preset", "Recipe", "SimMIM", "create_model", "get_preset"]
+__all__ = ["PRESETS", "DEFAULT_PRESET", "Preset", "Recipe", "SimMIM", "create_model", "get_preset",
+           "WindowAttention", "swap_window_attention"]
 
 _WRAPPER_KEYS = ("loss", "predict", "in_chans")
 
