@@ -77,6 +77,7 @@ class TrainArgs:
     clip_grad: float | None = None
     drop_path: float | None = None
     ops_backend: str = "auto"
+    attn_backend: str = "auto"
     log_every: int = 10
     save_every: int = 100
     keep_checkpoints: int = 2
@@ -125,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--clip-grad", type=float, default=None, help="grad-norm clip (recipe 5.0; 0 disables)")
     p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: preset)")
-    p.add_argument("--ops-backend", choices=["auto", "triton", "reference"], default=None)
+    p.add_argument("--ops-backend", choices=["auto", "triton", "reference"], default=None,
+                   help="fused ops: auto = Triton on CUDA, reference otherwise")
+    p.add_argument("--attn-backend", choices=["auto", "xformers", "sdpa", "math", "timm"], default=None,
+                   help="Swin window attention: auto = xformers on CUDA when it dispatches, else SDPA")
     p.add_argument("--log-every", type=int, default=None, help=f"steps between log lines (default {d.log_every})")
     p.add_argument("--save-every", type=int, default=None, help=f"steps between checkpoints (default {d.save_every})")
     p.add_argument("--keep-checkpoints", type=int, default=None, help=f"newest checkpoints kept (default {d.keep_checkpoints}; 0 = all)")
@@ -291,6 +295,10 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
     overrides = {"img_size": plan.img_size, "loss": a.loss, "predict": a.predict}
     if a.drop_path is not None:
         overrides["drop_path_rate"] = a.drop_path
+    if get_preset(a.preset).arch == "swin":
+        overrides["attn_backend"] = a.attn_backend
+    elif a.attn_backend != "auto":
+        raise ValueError(f"--attn-backend: only Swin presets have window attention; {a.preset} is a ViT")
     model = create_model(a.preset, ops_backend=a.ops_backend, **overrides)
     if a.grad_checkpointing:
         model.set_grad_checkpointing(True)

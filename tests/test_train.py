@@ -185,6 +185,7 @@ def test_yaml_config_and_flag_precedence(tmp_path, cache_env):
         (["--device", "cuda:0"], "--device"),
         (["--device", "tpu"], "--device"),
         (["--accum-steps", "0"], "--accum-steps"),
+        (["--preset", "vit_tiny_cpu", "--attn-backend", "sdpa"], "--attn-backend"),
     ],
 )
 def test_bad_input_names_the_argument(tmp_path, cache_env, capsys, argv, needle):
@@ -210,7 +211,8 @@ def test_empty_data_folder(tmp_path, cache_env, capsys):
 
 def test_precision_and_accumulation_options_run(tmp_path, cache_env):
     for i, extra in enumerate([["--precision", "bf16"], ["--precision", "fp16"], ["--accum-steps", "2"],
-                               ["--grad-checkpointing", "--mask-strategy", "block", "--predict", "all"]]):
+                               ["--grad-checkpointing", "--mask-strategy", "block", "--predict", "all"],
+                               ["--attn-backend", "math", "--loss", "smooth_l1"]]):
         out = tmp_path / f"run{i}"
         assert train.main(["--max-steps", "2", "--output", str(out), *FAST, *extra]) == 0, extra
         assert (out / "checkpoint_00000002.pt").is_file()
