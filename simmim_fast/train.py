@@ -448,6 +448,12 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
     try:
         if step < last_step:
             for images, masks, skipped in loader:
+                head_tokens = None
+                if device.type == "cuda" and masks.device.type == "cpu":
+                    # the masked-only head's token index from the CPU mask: no device sync in forward
+                    idx = _unwrap(model).masked_head_tokens(images, masks)
+                    if idx is not None:
+                        head_tokens = idx.pin_memory().to(device, non_blocking=True)
                 images = images.to(device, non_blocking=True)
                 masks = masks.to(device, non_blocking=True)
                 skipped_total += skipped
@@ -459,7 +465,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                     scheduler.step_update(step)
                 with sync_ctx:
                     with autocast:
-                        loss = model(images, masks)
+                        loss = model(images, masks, head_tokens=head_tokens)
                     scaler.scale(loss / a.accum_steps).backward()
                 loss_d = loss.detach()
                 nonfinite |= ~torch.isfinite(loss_d)

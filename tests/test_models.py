@@ -616,3 +616,25 @@ def test_scheduler_bad_args():
         WarmupScheduler(_opt(), base_lr=1e-3, warmup_lr=0, min_lr=0, total_steps=10, warmup_steps=1, kind="linear")
     with pytest.raises(ValueError):
         WarmupScheduler(_opt(), base_lr=1e-3, warmup_lr=0, min_lr=0, total_steps=0, warmup_steps=0)
+
+
+def test_precomputed_head_tokens_match_the_models_own_choice():
+    """The trainer passes ``head_tokens`` computed on the CPU mask; same loss and gradients as the model's own plan."""
+    torch.manual_seed(0)
+    model = create_model("swin_tiny_cpu", img_size=64, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1),
+                         window_size=2, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+    coarse = torch.zeros(2, 2, 2, dtype=torch.long)
+    coarse[0, 0, 1] = coarse[1, 1, 0] = coarse[1, 0, 0] = 1
+    mask = coarse.repeat_interleave(8, 1).repeat_interleave(8, 2)  # model-patch resolution (16x16)
+    idx = model.masked_head_tokens(x, mask)
+    assert idx is not None and idx.tolist() == [1, 4, 6]
+    l1 = model(x, mask)
+    g1 = torch.autograd.grad(l1, list(model.parameters()), allow_unused=True)
+    l2 = model(x, mask, head_tokens=idx)
+    g2 = torch.autograd.grad(l2, list(model.parameters()), allow_unused=True)
+    assert torch.equal(l1, l2)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(ValueError, match="head_tokens"):
+        model(x, mask, head_tokens=idx.to(torch.int32))

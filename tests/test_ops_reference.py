@@ -10,15 +10,19 @@ low-precision gradients are compared with the precision of their dtype.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from simmim_fast import ops
+from simmim_fast import MaskGenerator, ops
+from simmim_fast.models import create_model
+from simmim_fast.ops import _common
 
-_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _HAS_CUDA = torch.cuda.is_available()
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -458,27 +462,88 @@ def _small_inputs():
     return tokens, mask, torch.zeros(12), torch.zeros(1, 3, 4, 4)
 
 
-_cpu_only = pytest.mark.skipif(
-    _INTERPRET_AT_IMPORT, reason="TRITON_INTERPRET=1: Triton may legitimately run on CPU tensors"
-)
+_NO_INTERPRETER_SCRIPT = r"""
+import os, json
+os.environ["TRITON_INTERPRET"] = "0"
+import torch
+from simmim_fast import ops
+t, m, mt, img = torch.zeros(1, 2, 2, 12), torch.zeros(1, 2, 2), torch.zeros(12), torch.zeros(1, 3, 4, 4)
+calls = {
+    "mask_token_fill": lambda: ops.mask_token_fill(t, m, mt, backend="triton"),
+    "pixel_shuffle_head": lambda: ops.pixel_shuffle_head(t, backend="triton"),
+    "masked_l1_loss": lambda: ops.masked_l1_loss(t, img, m, backend="triton"),
+    "masked_head_loss": lambda: ops.masked_head_loss(t, torch.zeros(12, 12), None, img, m, backend="triton"),
+}
+out = {"errors": {}, "auto_ok": True, "report": ops.backend_report("cpu")}
+for name, call in calls.items():
+    try:
+        call()
+        out["errors"][name] = None
+    except NotImplementedError as e:
+        out["errors"][name] = str(e)
+out["auto_ok"] = bool(torch.equal(ops.mask_token_fill(t, m, mt), t))
+print(json.dumps(out))
+"""
 
 
-@_cpu_only
-def test_forced_triton_on_cpu_lists_reasons():
+@pytest.mark.skipif(_HAS_CUDA, reason="CPU-only behaviour")
+def test_forced_triton_on_cpu_without_interpreter_lists_reasons():
+    """In a fresh process without TRITON_INTERPRET, forcing Triton on CPU tensors raises with the reasons."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", _NO_INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["auto_ok"]
+    for name, msg in out["errors"].items():
+        assert msg is not None, name
+        assert name in msg and "CUDA" in msg and "TRITON_INTERPRET" in msg, msg
+    for name, reasons in out["report"].items():
+        assert reasons and any("CUDA" in r for r in reasons), (name, reasons)
+
+
+def test_forced_triton_on_meta_lists_reasons():
     tokens, mask, mt, img = _small_inputs()
+    meta = tokens.to("meta")
     calls = {
-        "mask_token_fill": lambda: ops.mask_token_fill(tokens, mask, mt, backend="triton"),
-        "pixel_shuffle_head": lambda: ops.pixel_shuffle_head(tokens, backend="triton"),
-        "masked_l1_loss": lambda: ops.masked_l1_loss(tokens, img, mask, backend="triton"),
+        "mask_token_fill": lambda: ops.mask_token_fill(meta, mask, mt, backend="triton"),
+        "pixel_shuffle_head": lambda: ops.pixel_shuffle_head(meta, backend="triton"),
+        "masked_l1_loss": lambda: ops.masked_l1_loss(meta, img, mask, backend="triton"),
     }
     for name, call in calls.items():
         with pytest.raises(NotImplementedError) as ei:
             call()
         msg = str(ei.value)
-        assert name in msg
-        assert "CUDA" in msg and "TRITON_INTERPRET" in msg
-        # while the kernels are not written, that is a reason too (drop this line when they land)
-        assert "not implemented" in msg
+        assert name in msg and "device meta is not CUDA" in msg
+        if name != "pixel_shuffle_head":  # the others got CPU tensors too: two reasons
+            assert "different devices" in msg
+
+
+def test_forced_triton_without_triton_lists_it(monkeypatch):
+    monkeypatch.setattr(_common, "TRITON_IMPORT_ERROR", "ImportError: No module named 'triton'")
+    tokens = torch.zeros(1, 2, 2, 12, device="meta")
+    with pytest.raises(NotImplementedError) as ei:
+        ops.pixel_shuffle_head(tokens, backend="triton")
+    msg = str(ei.value)
+    assert "triton is not importable" in msg and "device meta is not CUDA" in msg
+    assert all("triton is not importable" in r[0] for r in ops.backend_report("meta").values())
+
+
+def test_auto_fallback_on_cuda_logs_one_line(monkeypatch, caplog):
+    """``auto`` on CUDA tensors the kernel cannot take: reference, with one log line per op (no crash)."""
+    from types import SimpleNamespace
+
+    cuda_like = SimpleNamespace(device=torch.device("cuda"))
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "_fallback_logged", set())
+    with caplog.at_level("WARNING", logger="simmim_fast.ops"):
+        for _ in range(3):
+            assert _common.resolve_backend("some_op", "auto", ["triton is not importable (x)"], cuda_like) == "reference"
+    lines = [r for r in caplog.records if "some_op" in r.getMessage()]
+    assert len(lines) == 1 and "triton is not importable" in lines[0].getMessage()
+    assert _common.resolve_backend("some_op", "auto", [], cuda_like) == "triton"
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    assert _common.resolve_backend("some_op", "auto", [], cpu, cuda_like) == "reference"
 
 
 @pytest.mark.parametrize("backend", ["bogus", "cuda", ""])
@@ -504,13 +569,178 @@ def test_reference_and_auto_backends_agree_on_cpu():
                                    official_loss(tokens, img, mask), **FP32_TOL)
 
 
-@pytest.mark.skipif(_HAS_CUDA or _INTERPRET_AT_IMPORT, reason="needs a CPU-only machine without TRITON_INTERPRET")
-def test_backend_report_on_cpu():
-    report = ops.backend_report()
-    assert set(report) == {"mask_token_fill", "pixel_shuffle_head", "masked_l1_loss"}
+def test_backend_report_lists_reasons():
+    report = ops.backend_report("meta")
+    assert set(report) == {"mask_token_fill", "pixel_shuffle_head", "masked_l1_loss", "masked_head_loss"}
     for name, reasons in report.items():
         assert isinstance(reasons, list) and reasons, name
         assert all(isinstance(r, str) and r for r in reasons)
         assert any("CUDA" in r for r in reasons), (name, reasons)
-    explicit = ops.backend_report("cpu")
-    assert explicit == report
+    default = ops.backend_report()
+    if _common.HAS_TRITON and (_HAS_CUDA or _common.INTERPRET):  # Triton runs (compiled, or interpreted)
+        assert all(r == [] for r in default.values()), default
+    else:
+        assert all(r for r in default.values()), default
+
+
+# ----------------------------------------------------------------------------------------------------
+# masked-only head (reference backend: gather + F.linear + reference loss of the rows)
+
+
+def _head_inputs(B=2, h=4, w=4, s=8, C=3, Fdim=12, seed=60, dtype=torch.float32):
+    g = _gen(seed)
+    feats = torch.randn(B, h, w, Fdim, generator=g).to(dtype).requires_grad_(True)
+    weight = (0.2 * torch.randn(C * s * s, Fdim, generator=g)).to(dtype).requires_grad_(True)
+    bias = torch.randn(C * s * s, generator=g).to(dtype).requires_grad_(True)
+    images = torch.randn(B, C, h * s, w * s, generator=g).to(dtype)
+    return feats, weight, bias, images
+
+
+def _full_head_official(feats, weight, bias, images, mask, per_elem=None):
+    return official_loss(F.linear(feats, weight, bias), images, mask, per_elem=per_elem)
+
+
+HEAD_MASKS = [
+    # name, mask grid for h = w = 4 tokens of s = 8 px (32 px images), how it is drawn
+    ("cells_of_2x2_tokens", (2, 2)),
+    ("cells_equal_tokens", (4, 4)),
+    ("finer_grid_aligned_content", (8, 8)),  # as the official mask at model-patch resolution
+    ("finer_grid_partial_tokens", (16, 16)),  # random fine cells: partly masked tokens
+]
+
+
+@pytest.mark.parametrize("name,grid", HEAD_MASKS, ids=[c[0] for c in HEAD_MASKS])
+def test_masked_head_reference_matches_full_head(name, grid):
+    from simmim_fast.ops.masked_head import TOLERANCES
+
+    feats, weight, bias, images = _head_inputs()
+    if name == "finer_grid_aligned_content":
+        mask = _rand_mask((2, 4, 4), seed=61).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    else:
+        mask = _rand_mask((2, *grid), seed=61)
+    got = ops.masked_head_loss(feats, weight, bias, images, mask, backend="reference")
+    exp = _full_head_official(feats, weight, bias, images, mask)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(got, exp, **tol["loss"])
+    for a, b in zip(torch.autograd.grad(got, (feats, weight, bias)), torch.autograd.grad(exp, (feats, weight, bias))):
+        torch.testing.assert_close(a, b, **tol["grad"])
+    index = ops.masked_token_index(mask, (4, 4), (32, 32))
+    up = mask.repeat_interleave(32 // grid[0], 1).repeat_interleave(32 // grid[1], 2)  # pixels
+    expected_tokens = up.view(2, 4, 8, 4, 8).any(4).any(2).flatten().nonzero().squeeze(1)
+    assert torch.equal(index, expected_tokens)
+
+
+@pytest.mark.parametrize("loss,beta", [("l2", 1.0), ("smooth_l1", 0.5)])
+def test_masked_head_reference_loss_variants(loss, beta):
+    from simmim_fast.ops.masked_head import TOLERANCES
+
+    feats, weight, bias, images = _head_inputs(seed=62)
+    mask = _rand_mask((2, 2, 2), seed=63)
+    per = {"l2": lambda a, b: F.mse_loss(a, b, reduction="none"),
+           "smooth_l1": lambda a, b: F.smooth_l1_loss(a, b, reduction="none", beta=beta)}[loss]
+    got = ops.masked_head_loss(feats, weight, bias, images, mask, loss=loss, beta=beta, backend="reference")
+    exp = _full_head_official(feats, weight, bias, images, mask, per_elem=per)
+    torch.testing.assert_close(got, exp, **TOLERANCES[torch.float32]["loss"])
+
+
+def test_masked_head_reference_bf16_and_none_masked():
+    from simmim_fast.ops.masked_head import TOLERANCES
+
+    feats, weight, bias, images = _head_inputs(seed=64, dtype=torch.bfloat16)
+    mask = _rand_mask((2, 2, 2), seed=65)
+    got = ops.masked_head_loss(feats, weight, bias, images, mask, backend="reference")
+    exp = _full_head_official(feats, weight, bias, images, mask)
+    tol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(got, exp, **tol["loss"])
+    for a, b in zip(torch.autograd.grad(got, (feats, weight, bias)), torch.autograd.grad(exp, (feats, weight, bias))):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, **tol["grad"])
+    none = torch.zeros_like(mask)
+    zero = ops.masked_head_loss(feats, weight, bias, images, none, backend="reference")
+    assert zero.item() == 0.0
+    gf, gw = torch.autograd.grad(zero, (feats, weight))
+    assert torch.equal(gf, torch.zeros_like(gf)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+def test_masked_head_plan_decisions():
+    coarse = _rand_mask((2, 2, 2), seed=66)  # 16 px cells over 8 px tokens: statically aligned
+    index, reason = ops.masked_head_plan(coarse, (4, 4), (32, 32))
+    assert index is not None and reason == ""
+    assert index.numel() == int(coarse.sum()) * 4
+    fine_aligned = coarse.repeat_interleave(8, 1).repeat_interleave(8, 2)  # (2, 16, 16): 2 px cells, aligned content
+    index2, _ = ops.masked_head_plan(fine_aligned, (4, 4), (32, 32))
+    assert torch.equal(index, index2)
+    fine_random = _rand_mask((2, 16, 16), seed=67)
+    none, reason = ops.masked_head_plan(fine_random, (4, 4), (32, 32))
+    assert none is None and "partly masked" in reason
+    none, reason = ops.masked_head_plan(_rand_mask((2, 3, 3), seed=68), (4, 4), (48, 48))
+    assert none is None and "does not align" in reason
+    none, reason = ops.masked_head_plan(torch.ones(2, 2, 2, dtype=torch.bool), (4, 4), (32, 32))
+    assert none is None and "every token" in reason
+    none, reason = ops.masked_head_plan(coarse, (4, 4), (32, 32), region="all")
+    assert none is None and "region" in reason
+
+
+def test_masked_head_bad_inputs():
+    feats, weight, bias, images = _head_inputs()
+    mask = _rand_mask((2, 2, 2), seed=69)
+    with pytest.raises(ValueError, match="weight"):
+        ops.masked_head_loss(feats, weight[:-1], bias, images, mask)
+    with pytest.raises(ValueError, match="bias"):
+        ops.masked_head_loss(feats, weight, bias[:-1], images, mask)
+    with pytest.raises(ValueError, match="features"):
+        ops.masked_head_loss(feats[:, :3], weight, bias, images, mask)
+    with pytest.raises(TypeError, match="token_index"):
+        ops.masked_head_loss(feats, weight, bias, images, mask, token_index=torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="mask"):
+        ops.masked_head_loss(feats, weight, bias, images, torch.zeros(2, 3, 3))
+
+
+SWIN_SMALL = dict(img_size=64, depths=(2, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1), window_size=2)
+VIT_SMALL = dict(img_size=64, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
+
+
+@pytest.mark.parametrize("arch", ["swin", "vit"])
+def test_model_uses_masked_head_with_same_loss_and_grads(arch, monkeypatch):
+    """Official masks (32 px cells, at model-patch resolution): the model gathers; same loss and gradients."""
+    from simmim_fast.ops.masked_head import TOLERANCES
+    from simmim_fast.models import simmim as simmim_mod
+
+    torch.manual_seed(0)
+    preset, kw, patch = ("swin_tiny_cpu", SWIN_SMALL, 4) if arch == "swin" else ("vit_tiny_cpu", VIT_SMALL, 16)
+    model = create_model(preset, ops_backend="reference", **kw)
+    gen = MaskGenerator(input_size=64, mask_patch_size=32, model_patch_size=patch, mask_ratio=0.6)
+    mask = gen.generate(3, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(3, 3, 64, 64, generator=_gen(70))
+    calls = []
+    real = simmim_mod.masked_head_loss
+    monkeypatch.setattr(simmim_mod, "masked_head_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert model.masked_head_tokens(images, mask) is not None
+    loss = model(images, mask)
+    assert calls == [1]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    model.masked_head = False
+    assert model.masked_head_tokens(images, mask) is None
+    full = model(images, mask)
+    assert calls == [1]
+    full_grads = torch.autograd.grad(full, params, allow_unused=True)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(loss, full, **tol["loss"])
+    for a, b in zip(grads, full_grads):
+        if b is None:
+            assert a is None
+            continue
+        torch.testing.assert_close(a, b, **tol["grad"])
+
+
+def test_model_falls_back_to_full_head():
+    torch.manual_seed(0)
+    model = create_model("swin_tiny_cpu", ops_backend="reference", **SWIN_SMALL)
+    images = torch.randn(2, 3, 64, 64, generator=_gen(71))
+    fine = _rand_mask((2, 16, 16), seed=72)  # 4 px cells: tokens (32 px) partly masked
+    assert model.masked_head_tokens(images, fine) is None
+    coarse = _rand_mask((2, 2, 2), seed=73)
+    assert model.masked_head_tokens(images, coarse) is not None
+    model_all = create_model("swin_tiny_cpu", ops_backend="reference", predict="all", **SWIN_SMALL)
+    assert model_all.masked_head_tokens(images, coarse) is None

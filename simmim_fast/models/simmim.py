@@ -9,6 +9,12 @@ Shapes
 The head is the official 1x1 convolution (kept as ``decoder.0`` so official checkpoints load)
 applied as a linear layer on NHWC features, giving ``(B, h, w, C*s*s)`` in PixelShuffle order;
 the loss reads that layout directly (``ops.masked_l1_loss``).
+
+Masked-only head: when the loss covers masked pixels only and the mask cells align with the
+encoder's token grid, ``forward`` runs the head on the tokens holding masked pixels only
+(``ops.masked_head_loss``: gather -> GEMM -> fused loss), same loss and gradients as the full head.
+It is decided per call (``ops.masked_head_plan``), off while ``torch.compile`` traces the model (the
+number of gathered tokens is data-dependent) and can be switched off with ``model.masked_head = False``.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import masked_l1_loss, pixel_shuffle_head
+from ..ops import masked_head_loss, masked_head_plan, masked_l1_loss, pixel_shuffle_head
 from ..ops.masked_l1_loss import LOSSES, REGIONS
 
 
@@ -30,6 +36,7 @@ class SimMIM(nn.Module):
         loss: str = "l1",
         predict: str = "masked",
         ops_backend: str = "auto",
+        masked_head: bool = True,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -43,6 +50,7 @@ class SimMIM(nn.Module):
         self.loss_type = loss
         self.predict_region = predict
         self.ops_backend = ops_backend
+        self.masked_head = masked_head
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, encoder_stride**2 * in_chans, kernel_size=1),
             nn.PixelShuffle(encoder_stride),
@@ -71,15 +79,49 @@ class SimMIM(nn.Module):
                 f"(patch size {self.patch_size})"
             )
 
+    def _head_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        conv = self.decoder[0]
+        return conv.weight.view(conv.weight.shape[0], -1), conv.bias  # (C*s*s, F), (C*s*s,)
+
     def _head(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         z = self.encoder(images, mask)  # (B, h, w, F)
-        conv = self.decoder[0]
-        return F.linear(z, conv.weight.view(conv.weight.shape[0], -1), conv.bias)  # (B, h, w, C*s*s)
+        return F.linear(z, *self._head_params())  # (B, h, w, C*s*s)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Loss (float32 scalar) of the official ``SimMIM.forward(x, mask)``."""
+    def masked_head_tokens(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Token index for the masked-only head, or None when the full head runs (see the module doc)."""
+        if not self.masked_head or torch.compiler.is_compiling():
+            return None
+        h, w = self.img_size[0] // self.encoder_stride, self.img_size[1] // self.encoder_stride
+        index, _ = masked_head_plan(mask, (h, w), tuple(images.shape[2:]), region=self.predict_region)
+        return index
+
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor, *, head_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss (float32 scalar) of the official ``SimMIM.forward(x, mask)``.
+
+        ``head_tokens``: the masked-only head's token index, ``masked_head_tokens(images, mask)``
+        computed by the caller where it is free, e.g. on the loader's CPU copy of the mask; without
+        it the model decides itself, which synchronises with the device on CUDA (the gathered token
+        count is data-dependent). The training loop passes it on CUDA.
+        """
         self._check(images, mask)
-        pred = self._head(images, mask)
+        if head_tokens is not None:
+            if head_tokens.dim() != 1 or head_tokens.dtype != torch.int64 or head_tokens.device != images.device:
+                raise ValueError(
+                    f"head_tokens: expected a 1-D int64 index on {images.device} (from masked_head_tokens), "
+                    f"got {tuple(head_tokens.shape)} {head_tokens.dtype} on {head_tokens.device}"
+                )
+            index = head_tokens
+        else:
+            index = self.masked_head_tokens(images, mask)  # decided before the encoder runs
+        z = self.encoder(images, mask)  # (B, h, w, F)
+        weight, bias = self._head_params()
+        if index is not None:
+            return masked_head_loss(
+                z, weight, bias, images, mask, token_index=index, loss=self.loss_type, backend=self.ops_backend
+            )
+        pred = F.linear(z, weight, bias)  # (B, h, w, C*s*s)
         return masked_l1_loss(
             pred, images, mask, loss=self.loss_type, region=self.predict_region, backend=self.ops_backend
         )
