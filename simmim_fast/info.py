@@ -40,11 +40,11 @@ __all__ = [
     "main",
 ]
 
-OP_NAMES = ("mask_token_fill", "pixel_shuffle_head", "masked_l1_loss")
+OP_NAMES = ("mask_token_fill", "pixel_shuffle_head", "masked_l1_loss", "masked_head_loss")
 
 NO_CUDA_TRITON = "no CUDA device; set TRITON_INTERPRET=1 before import to run kernels on CPU (slow, for tests)"
 NO_CUDA_XFORMERS = "no CUDA device (xformers has no CPU kernels)"
-NATIVE_NOT_BUILT = "not built (CMake build of kernels/ not run)"
+NATIVE_NOT_BUILT = "not built (build it with: python -m simmim_fast.data.native --build)"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 

@@ -10,7 +10,7 @@ from .window_attention import WindowAttention, swap_window_attention
 __all__ = ["PRESETS", "DEFAULT_PRESET", "Preset", "Recipe", "SimMIM", "create_model", "get_preset",
            "WindowAttention", "swap_window_attention"]
 
-_WRAPPER_KEYS = ("loss", "predict", "in_chans")
+_WRAPPER_KEYS = ("loss", "predict", "in_chans", "masked_head")
 
 
 def create_model(preset: str, *, ops_backend: str = "auto", **overrides) -> SimMIM:
