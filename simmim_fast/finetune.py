@@ -1,0 +1,728 @@
+"""Image-classification fine-tuning of a SimMIM encoder: ``python -m simmim_fast.finetune``.
+
+    python -m simmim_fast.finetune --pretrained runs/swin_tiny_cpu          # CPU demo on the embedded photos
+    python -m simmim_fast.finetune --preset swin_base_224 --pretrained simmim_pretrain__swin_base.pth \\
+        --data /imagenet --output runs/ft_swinb                                # official Swin-B recipe
+    torchrun --nproc_per_node 8 -m simmim_fast.finetune --preset vit_base_224 --pretrained ... --data ...
+    python -m simmim_fast.finetune --eval --resume runs/ft_swinb/best.pt --data /imagenet   # top-1 / top-5
+
+The official recipe (``main_finetune.py`` + ``configs/*finetune*``): AdamW with layer-wise lr decay
+(``training.layer_decay``), per-step linear warmup then cosine, label smoothing 0.1, Mixup 0.8 /
+CutMix 1.0, RandAugment + random erasing (timm), drop-path, grad-norm clip 5; lr scaled by total
+batch / 512. ``--pretrained`` takes our pretraining run/checkpoint, an official microsoft/SimMIM
+``.pth`` (key layout mapped, tables resized 192/window 6 -> 224/window 7), or a fine-tuned one.
+Each epoch evaluates top-1/top-5 on ``val`` (and on the EMA weights with ``--ema``); the run folder
+gets ``checkpoint_<step>.pt`` (resumable, atomic), ``best.pt`` (best top-1; ``best_ema.pt`` for the
+EMA), ``metrics.csv`` (training rows) and ``eval.csv`` (one row per evaluation). Options as in the
+pretraining CLI: YAML ``--config`` < flags; exit code 2 for bad input, 3 for a NaN loss.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data.classification import (
+    ClassificationFolder, ShardSampler, build_eval_transform, build_mixup, build_train_transform,
+    classification_collate, embedded_classification_dir, split_dirs,
+)
+from .models.classifier import (
+    ATTN_BACKENDS, DEFAULT_FINETUNE_PRESET, FINETUNE_PRESETS, build_classifier, classifier_spec, get_finetune_preset, load_pretrained,
+)
+from .models.interchange import FINETUNE_FORMAT, read_checkpoint
+from .training import checkpoint as ckpt
+from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from .training.layer_decay import ScaledWarmupScheduler, layer_decay_param_groups
+from .training.metrics import MetricsLog
+from .training.sampler import ResumableSampler
+
+log = logging.getLogger("simmim_fast.finetune")
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DATA_BACKENDS = ("auto", "torch", "dali")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; nothing was saved after it."""
+
+
+@dataclass
+class FinetuneArgs:
+    """Every option of the CLI. ``None`` means: the preset's recipe value."""
+
+    preset: str = DEFAULT_FINETUNE_PRESET
+    pretrained: str | None = None
+    data: str | None = None
+    output: str | None = None
+    resume: str | None = None
+    eval: bool = False
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    accum_steps: int = 1
+    img_size: int | None = None
+    window_size: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int | None = None
+    data_backend: str = "auto"
+    grad_checkpointing: bool = False
+    attn_backend: str = "auto"
+    base_lr: float | None = None
+    warmup_lr: float | None = None
+    min_lr: float | None = None
+    warmup_epochs: float | None = None
+    weight_decay: float | None = None
+    layer_decay: float | None = None
+    clip_grad: float | None = None
+    drop_path: float | None = None
+    label_smoothing: float | None = None
+    mixup: float | None = None
+    cutmix: float | None = None
+    mixup_prob: float | None = None
+    mixup_switch_prob: float | None = None
+    mixup_mode: str | None = None
+    auto_augment: str | None = None
+    color_jitter: float | None = None
+    reprob: float | None = None
+    ema: bool = False
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    keep_checkpoints: int = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m simmim_fast.finetune",
+        description="Fine-tune a SimMIM-pretrained encoder for image classification (official recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = FinetuneArgs()
+    p.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
+    p.add_argument("--preset", default=None, help=f"one of: {', '.join(FINETUNE_PRESETS)} (default {d.preset})")
+    p.add_argument("--pretrained", default=None,
+                   help="pretraining run folder / checkpoint (ours or official .pth) or a fine-tuned checkpoint")
+    p.add_argument("--data", default=None, help="folder with train/<class>/ and val/<class>/ (default: embedded photos)")
+    p.add_argument("--output", default=None, help="run folder (default runs/finetune_<preset>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the newest checkpoint in --output (or the given checkpoint file)")
+    p.add_argument("--eval", action="store_true", default=None,
+                   help="only evaluate (--resume checkpoint, or --pretrained weights) on val and print top-1/top-5")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=None, help="images per process and micro-step")
+    p.add_argument("--accum-steps", type=int, default=None, help=f"gradient accumulation (default {d.accum_steps})")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
+    p.add_argument("--window-size", type=int, default=None, help="Swin window (default: the preset's)")
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default=None, help="auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
+                   help="input pipeline: torch (timm transforms); dali is not wired for fine-tuning yet")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None)
+    p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default=None,
+                   help="Swin window attention: auto (xformers on CUDA when usable, else SDPA), xformers, sdpa, math, timm")
+    p.add_argument("--base-lr", type=float, default=None, help="lr per 512 images of total batch")
+    p.add_argument("--warmup-lr", type=float, default=None)
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (Swin-B 0.9, ViT-B 0.65)")
+    p.add_argument("--clip-grad", type=float, default=None, help="grad-norm clip (0 disables)")
+    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha (0 disables)")
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0 disables)")
+    p.add_argument("--mixup-prob", type=float, default=None)
+    p.add_argument("--mixup-switch-prob", type=float, default=None)
+    p.add_argument("--mixup-mode", choices=["batch", "pair", "elem"], default=None)
+    p.add_argument("--auto-augment", default=None, help="timm RandAugment policy, or 'none'")
+    p.add_argument("--color-jitter", type=float, default=None)
+    p.add_argument("--reprob", type=float, default=None, help="random erasing probability")
+    p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights and evaluate it too")
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--keep-checkpoints", type=int, default=None, help="newest checkpoints kept (0 = all)")
+    return p
+
+
+def load_yaml(path: str, known: set[str]) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config: {path} does not exist")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of option: value")
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in known:
+            raise ValueError(f"--config: unknown key {k!r} in {path}; known keys: {', '.join(sorted(known))}")
+        out[key] = v
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneArgs:
+    """Defaults < YAML ``--config`` < command-line flags."""
+    ns = vars(build_parser().parse_args(argv))
+    merged = asdict(FinetuneArgs())
+    config = ns.pop("config")
+    if config:
+        merged.update(load_yaml(config, {f.name for f in fields(FinetuneArgs)}))
+    merged.update({k: v for k, v in ns.items() if v is not None})
+    return FinetuneArgs(**merged)
+
+
+@dataclass(frozen=True)
+class Plan:
+    img_size: int
+    batch_size: int
+    epochs: int
+    lr: float
+    warmup_lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    layer_decay: float
+    clip_grad: float
+    drop_path: float
+    label_smoothing: float
+    mixup: float
+    cutmix: float
+    mixup_prob: float
+    mixup_switch_prob: float
+    mixup_mode: str
+    auto_augment: str
+    color_jitter: float
+    reprob: float
+    precision: str
+    num_workers: int
+
+
+def _positive(name: str, value, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive {kind.__name__}, got {value!r}")
+
+
+def _fraction(name: str, value, *, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value > 1 or (high_open and value == 1):
+        raise ValueError(f"{name}: expected a number in [0, 1{')' if high_open else ']'}, got {value!r}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
+    return precision
+
+
+def default_workers(num_workers: int | None, device: torch.device) -> int:
+    if num_workers is not None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"--num-workers: expected an int >= 0, got {num_workers!r}")
+        return num_workers
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if device.type == "cuda" else max(1, cpus // 2)
+
+
+def make_plan(a: FinetuneArgs, info: DistInfo) -> Plan:
+    r = get_finetune_preset(a.preset).recipe
+
+    def pick(value, default):
+        return default if value is None else value
+
+    plan = Plan(
+        img_size=pick(a.img_size, r.img_size), batch_size=pick(a.batch_size, r.batch_size), epochs=pick(a.epochs, r.epochs),
+        lr=0.0, warmup_lr=0.0, min_lr=0.0, warmup_epochs=pick(a.warmup_epochs, r.warmup_epochs),
+        weight_decay=pick(a.weight_decay, r.weight_decay), layer_decay=pick(a.layer_decay, r.layer_decay),
+        clip_grad=pick(a.clip_grad, r.clip_grad), drop_path=pick(a.drop_path, r.drop_path),
+        label_smoothing=pick(a.label_smoothing, r.label_smoothing), mixup=pick(a.mixup, r.mixup),
+        cutmix=pick(a.cutmix, r.cutmix), mixup_prob=pick(a.mixup_prob, r.mixup_prob),
+        mixup_switch_prob=pick(a.mixup_switch_prob, r.mixup_switch_prob), mixup_mode=pick(a.mixup_mode, r.mixup_mode),
+        auto_augment=pick(a.auto_augment, r.auto_augment), color_jitter=pick(a.color_jitter, r.color_jitter),
+        reprob=pick(a.reprob, r.reprob), precision=resolve_precision(a.precision, info.device),
+        num_workers=default_workers(a.num_workers, info.device),
+    )
+    _positive("--img-size", plan.img_size)
+    _positive("--batch-size", plan.batch_size)
+    _positive("--epochs", plan.epochs)
+    _positive("--accum-steps", a.accum_steps)
+    _positive("--log-every", a.log_every)
+    if a.max_steps is not None:
+        _positive("--max-steps", a.max_steps)
+    if isinstance(plan.warmup_epochs, bool) or not isinstance(plan.warmup_epochs, (int, float)) or plan.warmup_epochs < 0:
+        raise ValueError(f"--warmup-epochs: expected a number >= 0, got {plan.warmup_epochs!r}")
+    for name, v in (("--weight-decay", plan.weight_decay), ("--clip-grad", plan.clip_grad), ("--mixup", plan.mixup),
+                    ("--cutmix", plan.cutmix), ("--color-jitter", plan.color_jitter)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+    if isinstance(plan.layer_decay, bool) or not isinstance(plan.layer_decay, (int, float)) or not 0 < plan.layer_decay <= 1:
+        raise ValueError(f"--layer-decay: expected a number in (0, 1], got {plan.layer_decay!r}")
+    _fraction("--label-smoothing", plan.label_smoothing, high_open=True)
+    _fraction("--mixup-prob", plan.mixup_prob)
+    _fraction("--mixup-switch-prob", plan.mixup_switch_prob)
+    _fraction("--reprob", plan.reprob)
+    _fraction("--drop-path", plan.drop_path, high_open=True)
+    if not 0.0 < a.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay: expected a number in (0, 1), got {a.ema_decay!r}")
+    if (plan.mixup > 0 or plan.cutmix > 0) and plan.batch_size % 2:
+        raise ValueError(f"--batch-size: mixup/cutmix need an even batch size per process, got {plan.batch_size}")
+    for name, base in (("lr", pick(a.base_lr, r.base_lr)), ("warmup_lr", pick(a.warmup_lr, r.warmup_lr)),
+                       ("min_lr", pick(a.min_lr, r.min_lr))):
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or base < 0:
+            raise ValueError(f"--{name.replace('_', '-') if name != 'lr' else 'base-lr'}: expected a number >= 0, got {base!r}")
+    scale = plan.batch_size * info.world_size * a.accum_steps / 512.0  # official linear scaling (accumulation included)
+    return Plan(**{**asdict(plan), "lr": pick(a.base_lr, r.base_lr) * scale,
+                   "warmup_lr": pick(a.warmup_lr, r.warmup_lr) * scale, "min_lr": pick(a.min_lr, r.min_lr) * scale})
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and python ``random`` (what the official code seeds, plus ``random``)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def check_data_backend(backend: str, info: DistInfo) -> str:
+    """The input pipeline to use: only ``torch`` is wired for fine-tuning; ``dali`` raises."""
+    if backend not in DATA_BACKENDS:
+        raise ValueError(f"--data-backend: expected one of {', '.join(DATA_BACKENDS)}, got {backend!r}")
+    if backend == "dali":
+        raise NotImplementedError(
+            "--data-backend dali: the DALI pipeline is not wired for fine-tuning yet (RandAugment, random erasing "
+            "and mixup run in timm's torch pipeline); use --data-backend torch"
+        )
+    if backend == "auto" and info.is_main and info.device.type == "cuda":
+        log.info("data backend: torch (timm transforms); DALI is not wired for fine-tuning yet")
+    return "torch"
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, info: DistInfo, num_classes: int) -> dict:
+    """Top-1, top-k (k = min(5, classes)) accuracy in % and mean cross-entropy over the whole val set (all ranks)."""
+    was_training = model.training
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correctk, loss sum, count
+    for images, labels, _ in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(labels[:, None])
+        sums[0] += hit[:, 0].sum()
+        sums[1] += hit.any(dim=1).sum()
+        sums[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        sums[3] += labels.numel()
+    if info.distributed:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    n = max(float(sums[3]), 1.0)
+    return {"acc1": 100.0 * float(sums[0]) / n, "acc5": 100.0 * float(sums[1]) / n, "loss": float(sums[2]) / n,
+            "images": int(sums[3]), "topk": k}
+
+
+class EvalLog:
+    """``eval.csv``: one row per evaluation; rows past the resumed step are dropped on resume."""
+
+    FIELDS = ("epoch", "step", "acc1", "acc5", "loss", "ema_acc1", "ema_acc5", "ema_loss", "best_acc1", "images")
+
+    def __init__(self, output: Path, *, resume_step: int = 0):
+        self.path = Path(output) / "eval.csv"
+        rows = []
+        if resume_step > 0 and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def resolve_data(data: str | None, info: DistInfo):
+    if data is None:
+        if info.is_main:
+            embedded_classification_dir()
+        barrier(info)
+        data = str(embedded_classification_dir())
+    return split_dirs(data)
+
+
+def val_loader(val_dir, classes, *, img_size: int, batch_size: int, workers: int, info: DistInfo,
+               interpolation: str = "bicubic", crop: bool = True) -> tuple[ClassificationFolder, DataLoader]:
+    ds = ClassificationFolder(val_dir, transform=build_eval_transform(img_size, interpolation=interpolation, crop=crop),
+                              classes=classes)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank=info.rank, world_size=info.world_size),
+                        num_workers=workers, collate_fn=classification_collate, pin_memory=info.device.type == "cuda",
+                        generator=torch.Generator())  # its worker seed must not come from (and advance) the global RNG
+    return ds, loader
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+def finetune(a: FinetuneArgs) -> dict:
+    """Run fine-tuning (or evaluation with ``eval=True``); returns a summary dict."""
+    info = init_distributed(a.device)
+    try:
+        return _run(a, info)
+    finally:
+        cleanup(info)
+
+
+def _eval_only(a: FinetuneArgs, info: DistInfo) -> dict:
+    source = a.resume or a.pretrained
+    if source is None or source == "auto":
+        source = ckpt.latest_checkpoint(a.output) if a.output else None
+        if source is None:
+            raise ValueError("--eval: give the weights to evaluate with --resume CHECKPOINT (or --pretrained)")
+    ck = read_checkpoint(source)
+    _, val_dir, classes = resolve_data(a.data, info)
+    if ck.kind == "finetune":
+        spec = ck.meta["spec"]
+        if ck.meta.get("classes") and list(ck.meta["classes"]) != list(classes):
+            raise ValueError(f"--data: its classes differ from those the checkpoint was trained on "
+                             f"({len(ck.meta['classes'])} classes, first {ck.meta['classes'][:3]})")
+    else:
+        spec = classifier_spec(a.preset, num_classes=len(classes), img_size=a.img_size, window_size=a.window_size)
+    model = build_classifier(spec, attn_backend=a.attn_backend)
+    report = load_pretrained(model, ck)
+    if any(k.startswith("head") for k in report.missing) and info.is_main:
+        log.warning("--eval: the checkpoint has no classifier head for these %d classes; accuracy is of a random head", len(classes))
+    model.to(info.device)
+    precision = resolve_precision(a.precision, info.device)
+    autocast = torch.autocast(info.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+    img_size = int(spec["kwargs"]["img_size"])
+    recipe = get_finetune_preset(spec["preset"] if spec.get("preset") in FINETUNE_PRESETS else a.preset).recipe
+    ds, loader = val_loader(val_dir, classes, img_size=img_size, batch_size=a.batch_size or recipe.batch_size,
+                            workers=default_workers(a.num_workers, info.device), info=info,
+                            interpolation=recipe.interpolation, crop=recipe.test_crop)
+    res = evaluate(model, loader, device=info.device, autocast=autocast, info=info, num_classes=len(classes))
+    if info.is_main:
+        print(f"eval {ck.path}: top-1 {res['acc1']:.2f}%  top-{res['topk']} {res['acc5']:.2f}%  loss {res['loss']:.4f}  "
+              f"({res['images']} images, {len(classes)} classes)", flush=True)
+    return {**res, "checkpoint": str(ck.path)}
+
+
+def _run(a: FinetuneArgs, info: DistInfo) -> dict:
+    preset = get_finetune_preset(a.preset)
+    check_data_backend(a.data_backend, info)
+    if a.eval:
+        return _eval_only(a, info)
+    plan = make_plan(a, info)
+    output = Path(a.output or os.path.join("runs", f"finetune_{a.preset}"))
+    device = info.device
+
+    # ---- resume point ------------------------------------------------------------------------
+    resume_path = None
+    if a.resume is not None:
+        resume_path = ckpt.latest_checkpoint(output) if a.resume == "auto" else Path(a.resume)
+        if resume_path is None and info.is_main:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", output)
+    elif ckpt.list_checkpoints(output):
+        raise ValueError(f"--output: {output} already holds checkpoints; pass --resume to continue that run or choose another --output")
+    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    if state is not None:
+        if state.get("format") != FINETUNE_FORMAT:
+            raise ValueError(f"--resume: {resume_path} is not a fine-tuning checkpoint of this CLI")
+        if state["args"].get("preset") != a.preset:
+            raise ValueError(f"--resume: {resume_path} was trained with preset {state['args'].get('preset')!r}, not {a.preset!r}")
+
+    # ---- data --------------------------------------------------------------------------------
+    train_dir, val_dir, classes = resolve_data(a.data, info)
+    if state is not None and list(state["classes"]) != classes:
+        raise ValueError(f"--data: its classes differ from those of the run being resumed ({resume_path})")
+    r = preset.recipe
+    train_ds = ClassificationFolder(train_dir, classes=classes, transform=build_train_transform(
+        plan.img_size, auto_augment=plan.auto_augment, color_jitter=plan.color_jitter, reprob=plan.reprob,
+        remode=r.remode, recount=r.recount, interpolation=r.interpolation))
+    if len(train_ds) < plan.batch_size * info.world_size:
+        raise ValueError(f"--batch-size: {plan.batch_size} x {info.world_size} processes is more than the "
+                         f"{len(train_ds)} training images")
+    val_ds, val_dl = val_loader(val_dir, classes, img_size=plan.img_size, batch_size=plan.batch_size,
+                                workers=plan.num_workers, info=info, interpolation=r.interpolation, crop=r.test_crop)
+    mixup_fn = build_mixup(num_classes=len(classes), mixup=plan.mixup, cutmix=plan.cutmix, prob=plan.mixup_prob,
+                           switch_prob=plan.mixup_switch_prob, mode=plan.mixup_mode, label_smoothing=plan.label_smoothing)
+
+    # ---- model -------------------------------------------------------------------------------
+    torch.manual_seed(a.seed)
+    spec = classifier_spec(preset, num_classes=len(classes), img_size=plan.img_size, window_size=a.window_size,
+                           drop_path=plan.drop_path)
+    model = build_classifier(spec, attn_backend=a.attn_backend)
+    if state is None:
+        if a.pretrained is not None:
+            load_pretrained(model, a.pretrained)  # logs what was resized / newly initialised
+        elif info.is_main:
+            log.warning("no --pretrained checkpoint: fine-tuning from a random initialisation")
+    if a.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    seed_everything(a.seed + info.rank)  # drop-path (torch) and mixup/cutmix (numpy) draw from the global RNGs
+
+    sampler = ResumableSampler(len(train_ds), batch_size=plan.batch_size, epochs=plan.epochs, rank=info.rank,
+                               world_size=info.world_size, seed=a.seed, min_batches=a.accum_steps)
+    steps_per_epoch = sampler.batches_per_epoch // a.accum_steps
+    total_steps = plan.epochs * steps_per_epoch
+    last_step = min(total_steps, a.max_steps) if a.max_steps else total_steps
+
+    groups = layer_decay_param_groups(model, lr=plan.lr, weight_decay=plan.weight_decay, layer_decay=plan.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(r.betas), eps=r.eps)
+    scheduler = ScaledWarmupScheduler(optimizer, base_lr=plan.lr, warmup_lr=plan.warmup_lr, min_lr=plan.min_lr,
+                                      total_steps=total_steps, warmup_steps=int(plan.warmup_epochs * steps_per_epoch),
+                                      kind="cosine")
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
+    ema = None
+    if a.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=a.ema_decay)
+    if mixup_fn is not None:
+        from timm.loss import SoftTargetCrossEntropy
+
+        criterion: nn.Module = SoftTargetCrossEntropy()  # smoothing is in the mixed targets
+    elif plan.label_smoothing > 0:
+        from timm.loss import LabelSmoothingCrossEntropy
+
+        criterion = LabelSmoothingCrossEntropy(smoothing=plan.label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    step = 0
+    best = {"acc1": -1.0, "step": None, "epoch": None}
+    best_ema = {"acc1": -1.0, "step": None, "epoch": None}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        step = int(state["step"])
+        best, best_ema = dict(state["best"]), dict(state.get("best_ema") or best_ema)
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+        if info.is_main:
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+    if info.distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler.set_start(step // steps_per_epoch, (step % steps_per_epoch) * a.accum_steps)
+    loader = DataLoader(
+        train_ds, batch_size=plan.batch_size, sampler=sampler, num_workers=plan.num_workers,
+        collate_fn=classification_collate, pin_memory=device.type == "cuda", drop_last=True,
+        generator=torch.Generator().manual_seed(a.seed), persistent_workers=False,
+        prefetch_factor=4 if plan.num_workers > 0 else None,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(output, resume_step=step) if info.is_main else None
+    evals = EvalLog(output, resume_step=step) if info.is_main else None
+    if info.is_main:
+        log.info(
+            "fine-tune %s (%s from %s) on %s x%d, %s | %d train / %d val images, %d classes | batch %d x %d x %d = %d | "
+            "lr %.3g, layer decay %.3g | %d steps/epoch, %d epochs, steps %d..%d | output %s",
+            a.preset, spec["arch"], a.pretrained or "scratch", device, info.world_size, plan.precision, len(train_ds),
+            len(val_ds), len(classes), plan.batch_size, info.world_size, a.accum_steps,
+            plan.batch_size * info.world_size * a.accum_steps, plan.lr, plan.layer_decay, steps_per_epoch, plan.epochs,
+            step + 1, last_step, output,
+        )
+
+    amp_dtype = PRECISIONS[plan.precision]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=plan.precision != "fp32")
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    loss_count = images_since = skipped_total = 0
+    grad_norm = torch.zeros((), device=device)
+    first_step = checked_step = step
+    last_ckpt = resume_path
+    last_saved = step if state is not None else None
+    last_eval: dict = {}
+    rates: list[float] = []
+    t_log = t_start = time.perf_counter()
+    pbar = tqdm(total=last_step, initial=step, desc="finetune", unit="step", disable=not info.is_main,
+                dynamic_ncols=True, mininterval=1.0)
+
+    def check_finite() -> None:
+        nonlocal checked_step
+        flag = nonfinite.to(torch.int32)
+        if info.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if bool(flag):
+            raise TrainingDiverged(
+                f"loss became NaN/inf between step {checked_step + 1} and step {step}; stopping. "
+                f"Nothing was saved after it: last good checkpoint: {last_ckpt or 'none'}"
+            )
+        checked_step = step
+
+    def payload(weights: dict, metrics_row: dict) -> dict:
+        return {"format": FINETUNE_FORMAT, "model": weights, "spec": spec, "classes": classes, "step": step,
+                "epoch": step / steps_per_epoch, "metrics": metrics_row, "args": asdict(a), "plan": asdict(plan)}
+
+    def evaluate_and_save() -> None:
+        nonlocal last_ckpt, last_saved, last_eval
+        check_finite()
+        net = _unwrap(model)
+        res = evaluate(net, val_dl, device=device, autocast=autocast, info=info, num_classes=len(classes))
+        row = {"epoch": round(step / steps_per_epoch, 4), "step": step, "acc1": round(res["acc1"], 4),
+               "acc5": round(res["acc5"], 4), "loss": round(res["loss"], 6), "images": res["images"]}
+        improved = res["acc1"] > best["acc1"]
+        if improved:
+            best.update(acc1=res["acc1"], step=step, epoch=row["epoch"])
+        ema_improved = False
+        if ema is not None:
+            res_ema = evaluate(ema.module, val_dl, device=device, autocast=autocast, info=info, num_classes=len(classes))
+            row.update(ema_acc1=round(res_ema["acc1"], 4), ema_acc5=round(res_ema["acc5"], 4), ema_loss=round(res_ema["loss"], 6))
+            ema_improved = res_ema["acc1"] > best_ema["acc1"]
+            if ema_improved:
+                best_ema.update(acc1=res_ema["acc1"], step=step, epoch=row["epoch"])
+        row["best_acc1"] = round(best["acc1"], 4)
+        last_eval = row
+        rng_states = all_gather_objects(ckpt.rng_state(), info)
+        path = ckpt.checkpoint_path(output, step)
+        if info.is_main:
+            evals.write(row)
+            full = payload(net.state_dict(), row)
+            full.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                        ema=ema.module.state_dict() if ema is not None else None, best=dict(best),
+                        best_ema=dict(best_ema), rng=rng_states, world_size=info.world_size)
+            ckpt.atomic_save(full, path)
+            ckpt.prune_checkpoints(output, a.keep_checkpoints)
+            if improved:
+                ckpt.atomic_save(payload(net.state_dict(), row), output / "best.pt")
+            if ema_improved:
+                ckpt.atomic_save(payload(ema.module.state_dict(), row), output / "best_ema.pt")
+            msg = f"eval step {step} (epoch {row['epoch']:g}): top-1 {res['acc1']:.2f}% top-{res['topk']} {res['acc5']:.2f}%"
+            if ema is not None:
+                msg += f" | EMA top-1 {row['ema_acc1']:.2f}%"
+            tqdm.write(msg + f" | best top-1 {best['acc1']:.2f}%")
+        barrier(info)
+        last_ckpt, last_saved = path, step
+
+    model.train()
+    micro = 0
+    try:
+        if step < last_step:
+            for images, labels, skipped in loader:
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                skipped_total += skipped
+                if mixup_fn is not None:
+                    images, targets = mixup_fn(images, labels)
+                else:
+                    targets = labels
+                last_micro = (micro + 1) % a.accum_steps == 0
+                sync_ctx = model.no_sync() if (info.distributed and not last_micro) else contextlib.nullcontext()
+                if micro % a.accum_steps == 0:
+                    scheduler.step_update(step)
+                with sync_ctx:
+                    with autocast:
+                        logits = model(images)
+                    loss = criterion(logits.float(), targets)
+                    scaler.scale(loss / a.accum_steps).backward()
+                loss_d = loss.detach()
+                nonfinite |= ~torch.isfinite(loss_d)
+                loss_sum += loss_d
+                loss_count += 1
+                images_since += images.shape[0] * info.world_size
+                micro += 1
+                if not last_micro:
+                    continue
+                if plan.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if ema is not None:
+                    ema.update(_unwrap(model), step=step)
+                pbar.update(1)
+                if step % a.log_every == 0 or step == last_step:
+                    check_finite()
+                    now = time.perf_counter()
+                    rate = images_since / max(now - t_log, 1e-9)
+                    rates.append(rate)
+                    mean_loss_t = loss_sum / max(loss_count, 1)
+                    if info.distributed:
+                        torch.distributed.all_reduce(mean_loss_t)
+                        mean_loss_t /= info.world_size
+                    mean_loss = mean_loss_t.item()
+                    lr_top = max(g["lr"] for g in optimizer.param_groups)
+                    if metrics is not None:
+                        metrics.write({"step": step, "epoch": step // steps_per_epoch, "loss": mean_loss, "lr": lr_top,
+                                       "grad_norm": float(grad_norm), "img_per_s": round(rate, 3),
+                                       "skipped_images": skipped_total, "elapsed_s": round(now - t_start, 3)})
+                    pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}", lr=f"{lr_top:.2e}")
+                    loss_sum.zero_()
+                    loss_count, images_since, t_log = 0, 0, now
+                if step % steps_per_epoch == 0 or step == last_step:
+                    evaluate_and_save()
+                if step >= last_step:
+                    break
+        if last_saved != step:
+            evaluate_and_save()
+    finally:
+        pbar.close()
+        if metrics is not None:
+            metrics.close()
+
+    summary = {
+        "steps": step, "steps_this_run": step - first_step, "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "best": str(output / "best.pt") if (output / "best.pt").is_file() else None, "best_acc1": best["acc1"],
+        "last": last_eval, "img_per_s": (sum(rates[1:]) / len(rates[1:])) if len(rates) > 1 else (rates[0] if rates else float("nan")),
+        "resumed_from": str(resume_path) if resume_path else None, "output": str(output), "classes": classes,
+    }
+    if info.is_main:
+        print(f"done: step {step}/{total_steps}, top-1 {last_eval.get('acc1', float('nan')):.2f}% "
+              f"(best {best['acc1']:.2f}% at step {best['step']}), best checkpoint {summary['best']}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        finetune(parse_args(argv))
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
