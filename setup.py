@@ -89,6 +89,9 @@ setup(
             "simmim-info=simmim_fast.info:main",
             "simmim-visualize=simmim_fast.visualize:main",
             "simmim-avgdist=simmim_fast.avgdist:main",
+            "simmim-finetune=simmim_fast.finetune:main",
+            "simmim-linear-probe=simmim_fast.linear_probe:main",
+            "simmim-probe=simmim_fast.probe:main",
         ]
     },
 )
