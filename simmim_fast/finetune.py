@@ -19,7 +19,6 @@ pretraining CLI: YAML ``--config`` < flags; exit code 2 for bad input, 3 for a N
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import logging
 import os
@@ -50,6 +49,7 @@ from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup
 from .training.layer_decay import ScaledWarmupScheduler, layer_decay_param_groups
 from .training.metrics import MetricsLog
 from .training.sampler import ResumableSampler
+from .training.stepper import Stepper
 
 log = logging.getLogger("simmim_fast.finetune")
 
@@ -562,10 +562,8 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
 
     amp_dtype = PRECISIONS[plan.precision]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=plan.precision != "fp32")
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    loss_count = images_since = skipped_total = 0
-    grad_norm = torch.zeros((), device=device)
+    stepper = Stepper(model, optimizer, scheduler, scaler, info=info, accum_steps=a.accum_steps, clip_grad=plan.clip_grad)
+    images_since = skipped_total = 0
     first_step = checked_step = step
     last_ckpt = resume_path
     last_saved = step if state is not None else None
@@ -577,10 +575,7 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
 
     def check_finite() -> None:
         nonlocal checked_step
-        flag = nonfinite.to(torch.int32)
-        if info.distributed:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if bool(flag):
+        if stepper.diverged():
             raise TrainingDiverged(
                 f"loss became NaN/inf between step {checked_step + 1} and step {step}; stopping. "
                 f"Nothing was saved after it: last good checkpoint: {last_ckpt or 'none'}"
@@ -632,7 +627,6 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
         last_ckpt, last_saved = path, step
 
     model.train()
-    micro = 0
     try:
         if step < last_step:
             for images, labels, skipped in loader:
@@ -643,29 +637,15 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
                     images, targets = mixup_fn(images, labels)
                 else:
                     targets = labels
-                last_micro = (micro + 1) % a.accum_steps == 0
-                sync_ctx = model.no_sync() if (info.distributed and not last_micro) else contextlib.nullcontext()
-                if micro % a.accum_steps == 0:
-                    scheduler.step_update(step)
-                with sync_ctx:
+                images_since += images.shape[0] * info.world_size
+
+                def compute_loss() -> torch.Tensor:
                     with autocast:
                         logits = model(images)
-                    loss = criterion(logits.float(), targets)
-                    scaler.scale(loss / a.accum_steps).backward()
-                loss_d = loss.detach()
-                nonfinite |= ~torch.isfinite(loss_d)
-                loss_sum += loss_d
-                loss_count += 1
-                images_since += images.shape[0] * info.world_size
-                micro += 1
-                if not last_micro:
+                    return criterion(logits.float(), targets)
+
+                if not stepper.micro_step(step, compute_loss):
                     continue
-                if plan.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if ema is not None:
                     ema.update(_unwrap(model), step=step)
@@ -675,19 +655,14 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
                     now = time.perf_counter()
                     rate = images_since / max(now - t_log, 1e-9)
                     rates.append(rate)
-                    mean_loss_t = loss_sum / max(loss_count, 1)
-                    if info.distributed:
-                        torch.distributed.all_reduce(mean_loss_t)
-                        mean_loss_t /= info.world_size
-                    mean_loss = mean_loss_t.item()
+                    mean_loss = stepper.pop_mean_loss()  # over all ranks
                     lr_top = max(g["lr"] for g in optimizer.param_groups)
                     if metrics is not None:
                         metrics.write({"step": step, "epoch": step // steps_per_epoch, "loss": mean_loss, "lr": lr_top,
-                                       "grad_norm": float(grad_norm), "img_per_s": round(rate, 3),
+                                       "grad_norm": float(stepper.grad_norm), "img_per_s": round(rate, 3),
                                        "skipped_images": skipped_total, "elapsed_s": round(now - t_start, 3)})
                     pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}", lr=f"{lr_top:.2e}")
-                    loss_sum.zero_()
-                    loss_count, images_since, t_log = 0, 0, now
+                    images_since, t_log = 0, now
                 if step % steps_per_epoch == 0 or step == last_step:
                     evaluate_and_save()
                 if step >= last_step:

@@ -8,7 +8,6 @@ it wins over the preset's recipe.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -34,6 +33,7 @@ from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup
 from .training.metrics import MetricsLog
 from .training.optim import WarmupScheduler, build_optimizer
 from .training.sampler import ResumableSampler
+from .training.stepper import Stepper
 from .viz import save_reconstruction_grid
 
 log = logging.getLogger("simmim_fast.train")
@@ -390,10 +390,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
         )
 
     model.train()
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    loss_count = 0
-    grad_norm = torch.zeros((), device=device)
+    stepper = Stepper(model, optimizer, scheduler, scaler, info=info, accum_steps=a.accum_steps, clip_grad=plan.clip_grad)
     skipped_total = 0
     images_since = 0
     t_log = t_start = time.perf_counter()
@@ -408,10 +405,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
 
     def check_finite() -> None:
         nonlocal checked_step
-        flag = nonfinite.to(torch.int32)
-        if info.distributed:  # every rank stops together
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if bool(flag):  # host sync, only at log/save steps
+        if stepper.diverged():  # every rank stops together; host sync, only at log/save steps
             msg = (
                 f"loss became NaN/inf between step {checked_step + 1} and step {step}; stopping. "
                 f"Nothing was saved after it: last good checkpoint: {last_ckpt or 'none'}"
@@ -444,7 +438,6 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
         net.train()
         save_reconstruction_grid(output / f"reconstruction_{step:08d}.png", images, masks, pred)
 
-    micro = 0
     try:
         if step < last_step:
             for images, masks, skipped in loader:
@@ -459,28 +452,14 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                 skipped_total += skipped
                 if vis_batch is None:
                     vis_batch = (images[: a.vis_images].clone(), masks[: a.vis_images].clone())
-                last_micro = (micro + 1) % a.accum_steps == 0
-                sync_ctx = model.no_sync() if (info.distributed and not last_micro) else contextlib.nullcontext()
-                if micro % a.accum_steps == 0:
-                    scheduler.step_update(step)
-                with sync_ctx:
-                    with autocast:
-                        loss = model(images, masks, head_tokens=head_tokens)
-                    scaler.scale(loss / a.accum_steps).backward()
-                loss_d = loss.detach()
-                nonfinite |= ~torch.isfinite(loss_d)
-                loss_sum += loss_d
-                loss_count += 1
                 images_since += images.shape[0] * info.world_size
-                micro += 1
-                if not last_micro:
+
+                def compute_loss() -> torch.Tensor:
+                    with autocast:
+                        return model(images, masks, head_tokens=head_tokens)
+
+                if not stepper.micro_step(step, compute_loss):
                     continue
-                if plan.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 pbar.update(1)
 
@@ -489,14 +468,10 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                     now = time.perf_counter()
                     rate = images_since / max(now - t_log, 1e-9)
                     rates.append(rate)
-                    mean_loss_t = loss_sum / max(loss_count, 1)
-                    if info.distributed:  # the log shows the loss over all ranks
-                        torch.distributed.all_reduce(mean_loss_t)
-                        mean_loss_t /= info.world_size
-                    mean_loss = mean_loss_t.item()
+                    mean_loss = stepper.pop_mean_loss()  # over all ranks
                     row = {
                         "step": step, "epoch": step // steps_per_epoch, "loss": mean_loss,
-                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(stepper.grad_norm),
                         "img_per_s": round(rate, 3), "skipped_images": skipped_total,
                         "elapsed_s": round(now - t_start, 3),
                     }
@@ -505,8 +480,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                     pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}", lr=f"{row['lr']:.2e}")
                     if skipped_total and info.is_main:
                         log.info("skipped %d unreadable image files so far", skipped_total)
-                    loss_sum.zero_()
-                    loss_count, images_since, t_log = 0, 0, now
+                    images_since, t_log = 0, now
                 if step % a.save_every == 0 and step != last_step:
                     save_now()
                 if a.vis_every and step % a.vis_every == 0 and step != last_step:
