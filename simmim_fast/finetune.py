@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
-                   help="input pipeline: torch (timm transforms); dali is not wired for fine-tuning yet")
+                   help="input pipeline: torch (timm transforms), dali (GPU decode + augmentation; CPU mode without "
+                        "CUDA), auto (dali when installed and the device is CUDA, else torch)")
     p.add_argument("--grad-checkpointing", action="store_true", default=None)
     p.add_argument("--attn-backend", choices=ATTN_BACKENDS, default=None,
                    help="Swin window attention: auto (xformers on CUDA when usable, else SDPA), xformers, sdpa, math, timm")
@@ -302,18 +303,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def check_data_backend(backend: str, info: DistInfo) -> str:
-    """The input pipeline to use: only ``torch`` is wired for fine-tuning; ``dali`` raises."""
+def check_data_backend(backend: str, info: DistInfo, *, img_size: int | None = None) -> str:
+    """The input pipeline to use, ``"torch"`` or ``"dali"`` (logged once), as in pretraining.
+
+    ``auto``: DALI when ``nvidia.dali`` imports and the device is CUDA, else torch; ``dali``: DALI (CPU
+    mode off CUDA), ``ValueError`` listing every reason it cannot run. With ``img_size``, sizes the
+    DALI pipelines do not cover (<= 32 px) are one more reason (``auto`` then falls back to torch).
+    """
     if backend not in DATA_BACKENDS:
         raise ValueError(f"--data-backend: expected one of {', '.join(DATA_BACKENDS)}, got {backend!r}")
-    if backend == "dali":
-        raise NotImplementedError(
-            "--data-backend dali: the DALI pipeline is not wired for fine-tuning yet (RandAugment, random erasing "
-            "and mixup run in timm's torch pipeline); use --data-backend torch"
-        )
-    if backend == "auto" and info.is_main and info.device.type == "cuda":
-        log.info("data backend: torch (timm transforms); DALI is not wired for fine-tuning yet")
-    return "torch"
+    from .data.dali import select_data_backend
+
+    reasons = []
+    if img_size is not None and backend != "torch":
+        from .data.dali_classification import dali_finetune_unsupported
+
+        reasons = dali_finetune_unsupported(img_size)
+    if reasons and backend == "dali":
+        raise ValueError("--data-backend dali: cannot run the fine-tuning DALI pipeline: " + "; ".join(reasons))
+    if reasons:  # auto
+        if info.is_main:
+            log.info("data backend: torch DataLoader (auto: %s)", "; ".join(reasons))
+        return "torch"
+    return select_data_backend(backend, info.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +391,22 @@ def resolve_data(data: str | None, info: DistInfo):
     return split_dirs(data)
 
 
+def val_data(val_dir, classes, *, backend: str, img_size: int, batch_size: int, workers: int, info: DistInfo,
+             interpolation: str = "bicubic", crop: bool = True) -> tuple[int, object]:
+    """``(images in the val set, loader)`` for ``backend`` ("torch" or "dali"); the loader yields
+    ``(images, labels, skipped)``, this rank's shard of the val set, every image once over the ranks."""
+    if backend == "dali":
+        from .data.dali_classification import DaliEvalLoader
+
+        loader = DaliEvalLoader(val_dir, classes=classes, batch_size=batch_size, img_size=img_size, device=info.device,
+                                shard_id=info.rank, num_shards=info.world_size, crop=crop, interpolation=interpolation,
+                                num_threads=max(1, workers))
+        return len(loader.files), loader
+    ds, loader = val_loader(val_dir, classes, img_size=img_size, batch_size=batch_size, workers=workers, info=info,
+                            interpolation=interpolation, crop=crop)
+    return len(ds), loader
+
+
 def val_loader(val_dir, classes, *, img_size: int, batch_size: int, workers: int, info: DistInfo,
                interpolation: str = "bicubic", crop: bool = True) -> tuple[ClassificationFolder, DataLoader]:
     ds = ClassificationFolder(val_dir, transform=build_eval_transform(img_size, interpolation=interpolation, crop=crop),
@@ -429,9 +457,10 @@ def _eval_only(a: FinetuneArgs, info: DistInfo) -> dict:
     autocast = torch.autocast(info.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     img_size = int(spec["kwargs"]["img_size"])
     recipe = get_finetune_preset(spec["preset"] if spec.get("preset") in FINETUNE_PRESETS else a.preset).recipe
-    ds, loader = val_loader(val_dir, classes, img_size=img_size, batch_size=a.batch_size or recipe.batch_size,
-                            workers=default_workers(a.num_workers, info.device), info=info,
-                            interpolation=recipe.interpolation, crop=recipe.test_crop)
+    backend = check_data_backend(a.data_backend, info, img_size=img_size)
+    _, loader = val_data(val_dir, classes, backend=backend, img_size=img_size,
+                         batch_size=a.batch_size or recipe.batch_size, workers=default_workers(a.num_workers, info.device),
+                         info=info, interpolation=recipe.interpolation, crop=recipe.test_crop)
     res = evaluate(model, loader, device=info.device, autocast=autocast, info=info, num_classes=len(classes))
     if info.is_main:
         print(f"eval {ck.path}: top-1 {res['acc1']:.2f}%  top-{res['topk']} {res['acc5']:.2f}%  loss {res['loss']:.4f}  "
@@ -441,10 +470,12 @@ def _eval_only(a: FinetuneArgs, info: DistInfo) -> dict:
 
 def _run(a: FinetuneArgs, info: DistInfo) -> dict:
     preset = get_finetune_preset(a.preset)
-    check_data_backend(a.data_backend, info)
+    if a.data_backend not in DATA_BACKENDS:
+        raise ValueError(f"--data-backend: expected one of {', '.join(DATA_BACKENDS)}, got {a.data_backend!r}")
     if a.eval:
         return _eval_only(a, info)
     plan = make_plan(a, info)
+    backend = check_data_backend(a.data_backend, info, img_size=plan.img_size)
     output = Path(a.output or os.path.join("runs", f"finetune_{a.preset}"))
     device = info.device
 
@@ -468,14 +499,27 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
     if state is not None and list(state["classes"]) != classes:
         raise ValueError(f"--data: its classes differ from those of the run being resumed ({resume_path})")
     r = preset.recipe
-    train_ds = ClassificationFolder(train_dir, classes=classes, transform=build_train_transform(
-        plan.img_size, auto_augment=plan.auto_augment, color_jitter=plan.color_jitter, reprob=plan.reprob,
-        remode=r.remode, recount=r.recount, interpolation=r.interpolation))
-    if len(train_ds) < plan.batch_size * info.world_size:
+    if backend == "dali":
+        from .data.dali_classification import DaliTrainLoader
+
+        train_ds = None
+        dali_train = DaliTrainLoader(
+            train_dir, classes=classes, batch_size=plan.batch_size, img_size=plan.img_size, device=device,
+            epochs=plan.epochs, shard_id=info.rank, num_shards=info.world_size, seed=a.seed, min_batches=a.accum_steps,
+            auto_augment=plan.auto_augment, color_jitter=plan.color_jitter, reprob=plan.reprob, remode=r.remode,
+            recount=r.recount, interpolation=r.interpolation, num_threads=max(1, plan.num_workers),
+        )
+        n_train = len(dali_train.files)
+    else:
+        train_ds = ClassificationFolder(train_dir, classes=classes, transform=build_train_transform(
+            plan.img_size, auto_augment=plan.auto_augment, color_jitter=plan.color_jitter, reprob=plan.reprob,
+            remode=r.remode, recount=r.recount, interpolation=r.interpolation))
+        n_train = len(train_ds)
+    if n_train < plan.batch_size * info.world_size:
         raise ValueError(f"--batch-size: {plan.batch_size} x {info.world_size} processes is more than the "
-                         f"{len(train_ds)} training images")
-    val_ds, val_dl = val_loader(val_dir, classes, img_size=plan.img_size, batch_size=plan.batch_size,
-                                workers=plan.num_workers, info=info, interpolation=r.interpolation, crop=r.test_crop)
+                         f"{n_train} training images")
+    n_val, val_dl = val_data(val_dir, classes, backend=backend, img_size=plan.img_size, batch_size=plan.batch_size,
+                             workers=plan.num_workers, info=info, interpolation=r.interpolation, crop=r.test_crop)
     mixup_fn = build_mixup(num_classes=len(classes), mixup=plan.mixup, cutmix=plan.cutmix, prob=plan.mixup_prob,
                            switch_prob=plan.mixup_switch_prob, mode=plan.mixup_mode, label_smoothing=plan.label_smoothing)
 
@@ -494,9 +538,13 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
     model.to(device)
     seed_everything(a.seed + info.rank)  # drop-path (torch) and mixup/cutmix (numpy) draw from the global RNGs
 
-    sampler = ResumableSampler(len(train_ds), batch_size=plan.batch_size, epochs=plan.epochs, rank=info.rank,
-                               world_size=info.world_size, seed=a.seed, min_batches=a.accum_steps)
-    steps_per_epoch = sampler.batches_per_epoch // a.accum_steps
+    if backend == "dali":
+        batches_per_epoch = dali_train.batches_per_epoch  # the same ResumableSampler arithmetic
+    else:
+        sampler = ResumableSampler(len(train_ds), batch_size=plan.batch_size, epochs=plan.epochs, rank=info.rank,
+                                   world_size=info.world_size, seed=a.seed, min_batches=a.accum_steps)
+        batches_per_epoch = sampler.batches_per_epoch
+    steps_per_epoch = batches_per_epoch // a.accum_steps
     total_steps = plan.epochs * steps_per_epoch
     last_step = min(total_steps, a.max_steps) if a.max_steps else total_steps
 
@@ -540,22 +588,28 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
     if info.distributed:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler.set_start(step // steps_per_epoch, (step % steps_per_epoch) * a.accum_steps)
-    loader = DataLoader(
-        train_ds, batch_size=plan.batch_size, sampler=sampler, num_workers=plan.num_workers,
-        collate_fn=classification_collate, pin_memory=device.type == "cuda", drop_last=True,
-        generator=torch.Generator().manual_seed(a.seed), persistent_workers=False,
-        prefetch_factor=4 if plan.num_workers > 0 else None,
-    )
+    start_at = (step // steps_per_epoch, (step % steps_per_epoch) * a.accum_steps)
+    if backend == "dali":
+        loader = dali_train
+        if start_at[0] < plan.epochs:
+            loader.set_start(*start_at)
+    else:
+        sampler.set_start(*start_at)
+        loader = DataLoader(
+            train_ds, batch_size=plan.batch_size, sampler=sampler, num_workers=plan.num_workers,
+            collate_fn=classification_collate, pin_memory=device.type == "cuda", drop_last=True,
+            generator=torch.Generator().manual_seed(a.seed), persistent_workers=False,
+            prefetch_factor=4 if plan.num_workers > 0 else None,
+        )
     output.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(output, resume_step=step) if info.is_main else None
     evals = EvalLog(output, resume_step=step) if info.is_main else None
     if info.is_main:
         log.info(
-            "fine-tune %s (%s from %s) on %s x%d, %s | %d train / %d val images, %d classes | batch %d x %d x %d = %d | "
+            "fine-tune %s (%s from %s) on %s x%d, %s, %s data | %d train / %d val images, %d classes | batch %d x %d x %d = %d | "
             "lr %.3g, layer decay %.3g | %d steps/epoch, %d epochs, steps %d..%d | output %s",
-            a.preset, spec["arch"], a.pretrained or "scratch", device, info.world_size, plan.precision, len(train_ds),
-            len(val_ds), len(classes), plan.batch_size, info.world_size, a.accum_steps,
+            a.preset, spec["arch"], a.pretrained or "scratch", device, info.world_size, plan.precision, backend, n_train,
+            n_val, len(classes), plan.batch_size, info.world_size, a.accum_steps,
             plan.batch_size * info.world_size * a.accum_steps, plan.lr, plan.layer_decay, steps_per_epoch, plan.epochs,
             step + 1, last_step, output,
         )

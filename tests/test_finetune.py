@@ -272,7 +272,7 @@ def test_finetune_bad_input(tmp_path, colour_data, capsys):
         return capsys.readouterr().err
 
     assert "unknown fine-tuning preset" in err(["--preset", "nope", "--output", str(tmp_path / "a")])
-    assert "not wired for fine-tuning yet" in err(["--data-backend", "dali", "--output", str(tmp_path / "b")])
+    assert "cannot run the fine-tuning DALI pipeline" in err(["--data-backend", "dali", *SMALL, "--output", str(tmp_path / "b")])
     assert "even batch size" in err(["--batch-size", "7", "--output", str(tmp_path / "c")])
     assert "--layer-decay" in err(["--layer-decay", "1.5", "--output", str(tmp_path / "d")])
     assert "--window-size" in err(["--preset", "vit_tiny_cpu", "--window-size", "7", "--output", str(tmp_path / "e")])

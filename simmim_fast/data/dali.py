@@ -34,6 +34,10 @@ when those are in doubt; cached per tree by size and mtime). Files it rejects ar
 data set and counted once (the ``skipped`` of the first batch). A file that passes the screen but
 still fails in DALI is caught at run time: the pipeline is rebuilt from the current batch with that
 file replaced by the next readable one (as the torch data set does), counted per replaced sample.
+
+Shared with fine-tuning (:mod:`simmim_fast.data.dali_classification`): the graph pieces
+:func:`read_and_decode` and :func:`normalize_chw`, and :class:`DaliBatchLoader` (options, screening,
+per-rank order, resume, run-time failure recovery) of which :class:`DaliLoader` is one subclass.
 """
 from __future__ import annotations
 
@@ -70,7 +74,10 @@ __all__ = [
     "check_image_file",
     "ScanResult",
     "scan_image_files",
+    "read_and_decode",
+    "normalize_chw",
     "build_pipeline",
+    "DaliBatchLoader",
     "DaliLoader",
 ]
 
@@ -372,6 +379,62 @@ def _record_bad_file(cache_key: str | None, cache_dir, path: pathlib.Path, reaso
 # --------------------------------------------------------------------------- the pipeline
 
 
+def read_and_decode(
+    files: Sequence[str | os.PathLike],
+    labels: Sequence[int],
+    *,
+    gpu: bool,
+    reader_name: str = "Reader",
+    random_crop: tuple[Sequence[float], Sequence[float]] | None = None,
+):
+    """Pipeline-graph piece (call inside a pipeline): read ``files`` in order and decode them to RGB.
+
+    Returns ``(images, labels)`` DataNodes: ``images`` uint8 ``HWC`` (on the GPU with ``gpu``: nvJPEG
+    "mixed" decode; else "cpu"), ``labels`` ``(1,)`` int32 (``labels[i]`` of each file). With
+    ``random_crop=(area, ratio)`` the decoder crops a random region of that area fraction and aspect
+    ratio range (``fn.decoders.image_random_crop``, 10 attempts); without it decodes the whole image.
+
+    Equivalent PyTorch: ``PIL.Image.open(f).convert("RGB")`` (+ ``RandomResizedCrop``'s region choice).
+    """
+    from nvidia.dali import fn, types
+
+    encoded, label = fn.readers.file(
+        files=[str(f) for f in files], labels=[int(x) for x in labels], random_shuffle=False, name=reader_name,
+        pad_last_batch=False,
+    )
+    device = "mixed" if gpu else "cpu"
+    if random_crop is None:
+        images = fn.decoders.image(encoded, device=device, output_type=types.RGB)
+    else:
+        area, ratio = random_crop
+        images = fn.decoders.image_random_crop(
+            encoded, device=device, output_type=types.RGB,
+            random_area=[float(x) for x in area], random_aspect_ratio=[float(x) for x in ratio], num_attempts=10,
+        )
+    return images, label
+
+
+def normalize_chw(images, *, image_dtype: torch.dtype = torch.float32, mirror=None, crop: Sequence[int] | None = None):
+    """Pipeline-graph piece: uint8 ``HWC`` -> ImageNet-normalised ``CHW`` float (``fn.crop_mirror_normalize``).
+
+    ``mirror``: a DataNode of 0/1 per sample (horizontal flip) or ``None``; ``crop``: ``(h, w)`` center
+    crop or ``None``. Equivalent PyTorch: ``Normalize(IMAGENET_MEAN, IMAGENET_STD)(ToTensor()(img))``.
+    """
+    from nvidia.dali import fn, types
+
+    if image_dtype not in _IMAGE_DTYPES:
+        raise ValueError(f"image_dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {image_dtype}")
+    kwargs = {}
+    if mirror is not None:
+        kwargs["mirror"] = mirror
+    if crop is not None:
+        kwargs["crop"] = [int(c) for c in crop]
+    return fn.crop_mirror_normalize(
+        images, dtype=getattr(types, _IMAGE_DTYPES[image_dtype]), output_layout="CHW",
+        mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD], **kwargs,
+    )
+
+
 def build_pipeline(
     files: Sequence[str | os.PathLike],
     *,
@@ -424,19 +487,10 @@ def build_pipeline(
         prefetch_queue_depth=prefetch_queue_depth,
     )
     with pipe:
-        encoded, index = fn.readers.file(
-            files=files, labels=labels, random_shuffle=False, name=reader_name, pad_last_batch=False,
-        )
-        images = fn.decoders.image_random_crop(
-            encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-            random_area=list(CROP_AREA), random_aspect_ratio=list(CROP_RATIO), num_attempts=10,
-        )
+        images, index = read_and_decode(files, labels, gpu=gpu, reader_name=reader_name,
+                                        random_crop=(CROP_AREA, CROP_RATIO))
         images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_LINEAR, antialias=True)
-        images = fn.crop_mirror_normalize(
-            images, dtype=getattr(types, _IMAGE_DTYPES[image_dtype]), output_layout="CHW",
-            mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD],
-            mirror=fn.random.coin_flip(probability=0.5),
-        )
+        images = normalize_chw(images, image_dtype=image_dtype, mirror=fn.random.coin_flip(probability=0.5))
         outputs = [images, index]
         if mask_generator is not None:
             if native.loaded_plugin() is None:
@@ -462,13 +516,212 @@ def _derive_seed(*parts: int) -> int:
     return int(state) & 0x7FFFFFFF
 
 
+def _resolve_device(device, who: str = "DaliLoader") -> tuple[torch.device, int | None]:
+    """``(torch device, DALI device_id)`` for ``"cpu"`` (CPU mode, ``None``) or ``"cuda"``/``"cuda:N"``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    reasons = dali_unavailable_reasons(dev)
+    if reasons:
+        raise RuntimeError(f"{who}: cannot run DALI: " + "; ".join(reasons))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev, (dev.index if dev.type == "cuda" else None)
+
+
 def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
     return int(value)
 
 
-class DaliLoader:
+class DaliBatchLoader:
+    """What every DALI loader of this package shares: options, file screening, per-rank order, iteration.
+
+    A subclass calls :meth:`_init_common` then :meth:`_screen` in its ``__init__``, sets ``self._sampler``
+    (a :class:`ResumableSampler` over ``len(self.files)``) or overrides :meth:`_chunks`, and implements
+    :meth:`_start` (pipeline + DALI iterator over data-set indices, each sample's DALI label being its
+    index into :attr:`files`) and :meth:`_convert` (one DALI output dict -> the batch tensors).
+    Iteration yields ``(*_convert(out, _batch_rng(seed)), skipped)``; a file DALI fails to decode at
+    run time is replaced by the next readable one and counted (see the module docstring).
+    """
+
+    def _init_common(
+        self, *, batch_size, device, shard_id, num_shards, seed, num_threads, prefetch_queue_depth,
+    ) -> None:
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.num_shards = _check_positive_int("num_shards", num_shards)
+        if isinstance(shard_id, bool) or not isinstance(shard_id, (int, np.integer)) or not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id: expected an int in [0, {num_shards}), got {shard_id!r}")
+        self.shard_id = int(shard_id)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        self.seed = int(seed)
+        self.prefetch_queue_depth = _check_positive_int("prefetch_queue_depth", prefetch_queue_depth)
+        self.device, self.device_id = _resolve_device(device, type(self).__name__)
+        if num_threads is None:
+            num_threads = min(8, os.cpu_count() or 1)
+        self.num_threads = _check_positive_int("num_threads", num_threads)
+
+    def _screen(self, files: Sequence[pathlib.Path], cache_key: str | None, scan_cache_dir) -> ScanResult:
+        """Screen ``files`` (:func:`scan_image_files`); keep the readable ones in :attr:`files`."""
+        self._cache_key = cache_key
+        self._scan_cache_dir = scan_cache_dir
+        scan = scan_image_files(files, cache_key=cache_key, cache_dir=scan_cache_dir)
+        if not scan.files:
+            shown = "; ".join(f"{p.name}: {r}" for p, r in scan.skipped[:5])
+            raise ValueError(f"data: none of the {len(files)} files is a decodable image ({shown})")
+        self.files: list[pathlib.Path] = scan.files
+        self.scan_skipped: list[tuple[pathlib.Path, str]] = scan.skipped
+        if scan.skipped:
+            shown = ", ".join(f"{p.name} ({r})" for p, r in scan.skipped[:3])
+            log.info("DALI file screen: %d of %d files skipped as unreadable, e.g. %s", len(scan.skipped), len(files), shown)
+        self._bad_indices: set[int] = set()
+        self._scan_reported = False
+        self.last_indices: torch.Tensor | None = None
+        self._active = None  # (pipeline, iterator) being read
+        return scan
+
+    # ---- configuration -----------------------------------------------------------------
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch and shard (as :class:`ResumableSampler`)."""
+        return self._sampler.batches_per_epoch
+
+    def set_start(self, epoch: int, batch: int = 0) -> None:
+        """Begin at batch ``batch`` of epoch ``epoch`` (resume); takes effect at the next ``iter``."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(f"batch: expected an int in [0, {self.batches_per_epoch}), got {batch!r}")
+        self._sampler.set_start(int(epoch), int(batch))
+
+    def __len__(self) -> int:
+        return len(self._sampler) // self.batch_size
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _start(self, indices: np.ndarray, seed: int):
+        """``(pipeline, DALIGenericIterator)`` reading ``self.files[i] for i in indices``."""
+        raise NotImplementedError
+
+    def _convert(self, out: dict, rng) -> tuple:
+        """One DALI output dict -> the batch tensors (without ``skipped``)."""
+        raise NotImplementedError
+
+    def _batch_rng(self, seed: int):
+        """Extra random generator handed to :meth:`_convert` for the batches of one pipeline (default none)."""
+        return None
+
+    # ---- iteration -----------------------------------------------------------------------
+    def _chunks(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(first epoch, first batch, this shard's data-set indices) per pipeline, in order."""
+        s = self._sampler
+        per_epoch = s.batches_per_epoch * self.batch_size
+        limit = max(per_epoch, CHUNK_SAMPLES)
+        parts: list[np.ndarray] = []
+        size, first = 0, None
+        for epoch in range(s.start_epoch, s.epochs):
+            order = np.asarray(s.epoch_order(epoch), dtype=np.int64)
+            mine = order[s.rank::s.world_size]
+            batch0 = s.start_batch if epoch == s.start_epoch else 0
+            mine = mine[batch0 * self.batch_size:]
+            if parts and size + len(mine) > limit:
+                yield first[0], first[1], np.concatenate(parts)
+                parts, size, first = [], 0, None
+            if first is None:
+                first = (epoch, batch0)
+            parts.append(mine)
+            size += len(mine)
+        if parts:
+            yield first[0], first[1], np.concatenate(parts)
+
+    def _bad_file_in(self, message: str, window: np.ndarray) -> int | None:
+        """Data-set index of the file of ``window`` that ``message`` (a DALI error) names, if any."""
+        best, best_len = None, -1
+        for i in np.unique(window).tolist():
+            name = str(self.files[i])
+            if name in message and len(name) > best_len:
+                best, best_len = i, len(name)
+        return best
+
+    def _substitute(self, bad: int) -> int:
+        n = len(self.files)
+        for k in range(1, n):
+            j = (bad + k) % n
+            if j not in self._bad_indices:
+                return j
+        raise RuntimeError(f"data: every file failed to decode in DALI (last: {self.files[bad]})")
+
+    def close(self) -> None:
+        """Release the pipeline being read (also done when iteration ends)."""
+        self._active = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        try:
+            yield from self._batches()
+        finally:  # also when the consumer stops early: release the pipeline
+            self._active = None
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        B = self.batch_size
+        pending_skips = 0 if self._scan_reported else len(self.scan_skipped)
+        self._scan_reported = True
+        for epoch0, batch0, indices in self._chunks():
+            indices = indices.copy()
+            replaced = np.zeros(len(indices), dtype=bool)
+            pos, failures = 0, 0  # batches of this chunk yielded; runtime decode failures recovered
+            while pos * B < len(indices):
+                seed = _derive_seed(self.seed, self.shard_id, epoch0, batch0, pos, failures)
+                batch_rng = self._batch_rng(seed)
+                try:
+                    self._active = self._start(indices[pos * B:], seed)
+                except Exception as exc:  # decode errors can surface while the first batch is prepared
+                    failures = self._recover(exc, indices, replaced, pos, failures)
+                    continue
+                it = self._active[1]
+                while True:
+                    try:
+                        out = next(it)[0]
+                    except StopIteration:
+                        break
+                    except Exception as exc:
+                        failures = self._recover(exc, indices, replaced, pos, failures)
+                        break
+                    sl = slice(pos * B, (pos + 1) * B)
+                    skipped = int(replaced[sl].sum()) + pending_skips
+                    pending_skips = 0
+                    pos += 1
+                    yield self._convert(out, batch_rng) + (skipped,)
+                self._active = None
+
+    def _recover(self, exc: Exception, indices: np.ndarray, replaced: np.ndarray, pos: int, failures: int) -> int:
+        """Replace the file a DALI failure names (from batch ``pos`` on); re-raise when none is named."""
+        self._active = None
+        B = self.batch_size
+        window = indices[pos * B:(pos + self.prefetch_queue_depth + 2) * B]
+        bad = self._bad_file_in(str(exc), window)
+        if bad is None or failures >= MAX_RUNTIME_FAILURES:
+            why = "no file of the current batches is named in it" if bad is None else f"{failures} failures in this chunk"
+            raise RuntimeError(f"DALI pipeline failed ({why}): {exc}") from exc
+        self._bad_indices.add(bad)
+        sub = self._substitute(bad)
+        rest = indices[pos * B:]
+        hit = rest == bad
+        rest[hit] = sub
+        replaced[pos * B:][hit] = True
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        named = [ln for ln in lines if str(self.files[bad]) in ln]
+        first_line = (named or lines or [type(exc).__name__])[0]
+        log.info("DALI could not decode %s (%s); replaced by %s and skipped from now on",
+                 self.files[bad], first_line[:200], self.files[sub].name)
+        _record_bad_file(self._cache_key, self._scan_cache_dir, self.files[bad], f"DALI decode failed: {first_line[:200]}")
+        return failures + 1
+
+
+class DaliLoader(DaliBatchLoader):
     """DALI replacement of the trainer's DataLoader: yields ``(images, masks, skipped)`` batches.
 
     Args:
@@ -514,17 +767,8 @@ class DaliLoader:
         prefetch_queue_depth: int = 2,
         scan_cache_dir: str | os.PathLike | None = None,
     ) -> None:
-        self.batch_size = _check_positive_int("batch_size", batch_size)
         self.epochs = _check_positive_int("epochs", epochs)
-        self.num_shards = _check_positive_int("num_shards", num_shards)
-        if isinstance(shard_id, bool) or not isinstance(shard_id, (int, np.integer)) or not 0 <= shard_id < num_shards:
-            raise ValueError(f"shard_id: expected an int in [0, {num_shards}), got {shard_id!r}")
-        self.shard_id = int(shard_id)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed: expected an int, got {seed!r}")
-        self.seed = int(seed)
         min_batches = _check_positive_int("min_batches", min_batches)
-        self.prefetch_queue_depth = _check_positive_int("prefetch_queue_depth", prefetch_queue_depth)
         if not isinstance(mask_generator, MaskGenerator):
             raise TypeError(f"mask_generator: expected a simmim_fast.MaskGenerator, got {type(mask_generator).__name__}")
         self.mask_generator = mask_generator
@@ -534,60 +778,15 @@ class DaliLoader:
         self.image_dtype = image_dtype
         if mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source: expected one of {', '.join(MASK_SOURCES)}, got {mask_source!r}")
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        reasons = dali_unavailable_reasons(dev)
-        if reasons:
-            raise RuntimeError("DaliLoader: cannot run DALI: " + "; ".join(reasons))
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        self.device = dev
-        self.device_id = dev.index if dev.type == "cuda" else None
-        if num_threads is None:
-            num_threads = min(8, os.cpu_count() or 1)
-        self.num_threads = _check_positive_int("num_threads", num_threads)
-
-        files, self._cache_key = list_image_files(data)
-        self._scan_cache_dir = scan_cache_dir
-        scan = scan_image_files(files, cache_key=self._cache_key, cache_dir=scan_cache_dir)
-        if not scan.files:
-            shown = "; ".join(f"{p.name}: {r}" for p, r in scan.skipped[:5])
-            raise ValueError(f"data: none of the {len(files)} files is a decodable image ({shown})")
-        self.files: list[pathlib.Path] = scan.files
-        self.scan_skipped: list[tuple[pathlib.Path, str]] = scan.skipped
-        if scan.skipped:
-            shown = ", ".join(f"{p.name} ({r})" for p, r in scan.skipped[:3])
-            log.info("DALI file screen: %d of %d files skipped as unreadable, e.g. %s", len(scan.skipped), len(files), shown)
+        self._init_common(batch_size=batch_size, device=device, shard_id=shard_id, num_shards=num_shards, seed=seed,
+                          num_threads=num_threads, prefetch_queue_depth=prefetch_queue_depth)
+        files, cache_key = list_image_files(data)
+        self._screen(files, cache_key, scan_cache_dir)
         self._sampler = ResumableSampler(
             len(self.files), batch_size=self.batch_size, epochs=self.epochs, rank=self.shard_id,
             world_size=self.num_shards, seed=self.seed, min_batches=min_batches,
         )
         self.mask_mode = self._pick_mask_mode(mask_source)
-        self._bad_indices: set[int] = set()
-        self._scan_reported = False
-        self.last_indices: torch.Tensor | None = None
-        self._active = None  # (pipeline, iterator) being read
-
-    # ---- configuration -----------------------------------------------------------------
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches per epoch and shard (as :class:`ResumableSampler`)."""
-        return self._sampler.batches_per_epoch
-
-    def set_start(self, epoch: int, batch: int = 0) -> None:
-        """Begin at batch ``batch`` of epoch ``epoch`` (resume); takes effect at the next ``iter``."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"batch: expected an int in [0, {self.batches_per_epoch}), got {batch!r}")
-        self._sampler.set_start(int(epoch), int(batch))
-
-    def __len__(self) -> int:
-        return len(self._sampler) // self.batch_size
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(files={len(self.files)}, skipped={len(self.scan_skipped)}, batch_size={self.batch_size}, "
@@ -616,28 +815,6 @@ class DaliLoader:
         return "native-cpu"
 
     # ---- iteration -----------------------------------------------------------------------
-    def _chunks(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(first epoch, first batch, this shard's data-set indices) per pipeline, in order."""
-        s = self._sampler
-        per_epoch = s.batches_per_epoch * self.batch_size
-        limit = max(per_epoch, CHUNK_SAMPLES)
-        parts: list[np.ndarray] = []
-        size, first = 0, None
-        for epoch in range(s.start_epoch, s.epochs):
-            order = np.asarray(s.epoch_order(epoch), dtype=np.int64)
-            mine = order[s.rank::s.world_size]
-            batch0 = s.start_batch if epoch == s.start_epoch else 0
-            mine = mine[batch0 * self.batch_size:]
-            if parts and size + len(mine) > limit:
-                yield first[0], first[1], np.concatenate(parts)
-                parts, size, first = [], 0, None
-            if first is None:
-                first = (epoch, batch0)
-            parts.append(mine)
-            size += len(mine)
-        if parts:
-            yield first[0], first[1], np.concatenate(parts)
-
     def _start(self, indices: np.ndarray, seed: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -654,89 +831,10 @@ class DaliLoader:
                                  auto_reset=False)
         return pipe, it
 
-    def _bad_file_in(self, message: str, window: np.ndarray) -> int | None:
-        """Data-set index of the file of ``window`` that ``message`` (a DALI error) names, if any."""
-        best, best_len = None, -1
-        for i in np.unique(window).tolist():
-            name = str(self.files[i])
-            if name in message and len(name) > best_len:
-                best, best_len = i, len(name)
-        return best
-
-    def _substitute(self, bad: int) -> int:
-        n = len(self.files)
-        for k in range(1, n):
-            j = (bad + k) % n
-            if j not in self._bad_indices:
-                return j
-        raise RuntimeError(f"data: every file failed to decode in DALI (last: {self.files[bad]})")
-
-    def close(self) -> None:
-        """Release the pipeline being read (also done when iteration ends)."""
-        self._active = None
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        try:
-            yield from self._batches()
-        finally:  # also when the consumer stops early: release the pipeline
-            self._active = None
-
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        B = self.batch_size
-        pending_skips = 0 if self._scan_reported else len(self.scan_skipped)
-        self._scan_reported = True
-        for epoch0, batch0, indices in self._chunks():
-            indices = indices.copy()
-            replaced = np.zeros(len(indices), dtype=bool)
-            pos, failures = 0, 0  # batches of this chunk yielded; runtime decode failures recovered
-            while pos * B < len(indices):
-                seed = _derive_seed(self.seed, self.shard_id, epoch0, batch0, pos, failures)
-                mask_rng = None
-                if self.mask_mode == "torch":
-                    mask_rng = torch.Generator(device=self.device).manual_seed(_derive_seed(seed, 1))
-                try:
-                    self._active = self._start(indices[pos * B:], seed)
-                except Exception as exc:  # decode errors can surface while the first batch is prepared
-                    failures = self._recover(exc, indices, replaced, pos, failures)
-                    continue
-                it = self._active[1]
-                while True:
-                    try:
-                        out = next(it)[0]
-                    except StopIteration:
-                        break
-                    except Exception as exc:
-                        failures = self._recover(exc, indices, replaced, pos, failures)
-                        break
-                    sl = slice(pos * B, (pos + 1) * B)
-                    skipped = int(replaced[sl].sum()) + pending_skips
-                    pending_skips = 0
-                    pos += 1
-                    yield self._convert(out, mask_rng) + (skipped,)
-                self._active = None
-
-    def _recover(self, exc: Exception, indices: np.ndarray, replaced: np.ndarray, pos: int, failures: int) -> int:
-        """Replace the file a DALI failure names (from batch ``pos`` on); re-raise when none is named."""
-        self._active = None
-        B = self.batch_size
-        window = indices[pos * B:(pos + self.prefetch_queue_depth + 2) * B]
-        bad = self._bad_file_in(str(exc), window)
-        if bad is None or failures >= MAX_RUNTIME_FAILURES:
-            why = "no file of the current batches is named in it" if bad is None else f"{failures} failures in this chunk"
-            raise RuntimeError(f"DALI pipeline failed ({why}): {exc}") from exc
-        self._bad_indices.add(bad)
-        sub = self._substitute(bad)
-        rest = indices[pos * B:]
-        hit = rest == bad
-        rest[hit] = sub
-        replaced[pos * B:][hit] = True
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        named = [ln for ln in lines if str(self.files[bad]) in ln]
-        first_line = (named or lines or [type(exc).__name__])[0]
-        log.info("DALI could not decode %s (%s); replaced by %s and skipped from now on",
-                 self.files[bad], first_line[:200], self.files[sub].name)
-        _record_bad_file(self._cache_key, self._scan_cache_dir, self.files[bad], f"DALI decode failed: {first_line[:200]}")
-        return failures + 1
+    def _batch_rng(self, seed: int) -> torch.Generator | None:
+        if self.mask_mode != "torch":
+            return None
+        return torch.Generator(device=self.device).manual_seed(_derive_seed(seed, 1))
 
     def _convert(self, out: dict, mask_rng: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         images = out["images"]
