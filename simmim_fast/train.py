@@ -156,15 +156,38 @@ def _load_yaml(path: str) -> dict:
     return out
 
 
+# Settings of the machine a run happens on, not of the run: never taken from a checkpoint on resume.
+_NOT_RESUMED = ("resume", "output", "device", "num_workers", "data_backend")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
-    """Defaults < YAML ``--config`` < command-line flags."""
+    """Defaults < the resumed checkpoint's settings < YAML ``--config`` < command-line flags."""
     ns = vars(build_parser().parse_args(argv))
     merged = asdict(TrainArgs())
     config = ns.pop("config")
+    explicit = {k: v for k, v in ns.items() if v is not None}
     if config:
-        merged.update(_load_yaml(config))
-    merged.update({k: v for k, v in ns.items() if v is not None})
+        explicit = {**_load_yaml(config), **explicit}
+    merged.update(explicit)
+    if merged["resume"] is not None:
+        saved = _resumed_settings(TrainArgs(**merged))
+        for k, v in saved.items():
+            if k in merged and k not in explicit and k not in _NOT_RESUMED:
+                merged[k] = v
     return TrainArgs(**merged)
+
+
+def _resumed_settings(a: TrainArgs) -> dict:
+    """The arguments stored in the checkpoint a resumed run continues from ({} if there is none)."""
+    output = Path(a.output or os.path.join("runs", a.preset))
+    path = ckpt.latest_checkpoint(output) if a.resume == "auto" else Path(a.resume)
+    if path is None or not path.is_file():
+        return {}
+    try:  # mmap: reads the small pickled header, not the weights
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return {}  # reported with a clear message when the run loads it
+    return dict(state.get("args", {})) if isinstance(state, dict) else {}
 
 
 @dataclass(frozen=True)

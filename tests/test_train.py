@@ -216,3 +216,14 @@ def test_precision_and_accumulation_options_run(tmp_path, cache_env):
         out = tmp_path / f"run{i}"
         assert train.main(["--max-steps", "2", "--output", str(out), *FAST, *extra]) == 0, extra
         assert (out / "checkpoint_00000002.pt").is_file()
+
+
+def test_resume_keeps_the_runs_settings_unless_overridden(tmp_path, cache_env):
+    """``--resume`` continues the same run: unspecified settings come from the checkpoint, flags still win."""
+    out = tmp_path / "run"
+    assert train.main(["--max-steps", "2", "--output", str(out), "--mask-ratio", "0.5", "--seed", "4", *FAST]) == 0
+    a = train.parse_args(["--max-steps", "3", "--output", str(out), "--resume", "--loss", "l2"])
+    assert (a.img_size, a.batch_size, a.mask_ratio, a.seed, a.max_steps, a.loss) == (96, 2, 0.5, 4, 3, "l2")
+    assert train.main(["--max-steps", "3", "--output", str(out), "--resume"]) == 0
+    state = load_checkpoint(out / "checkpoint_00000003.pt")
+    assert state["plan"]["batch_size"] == 2 and state["plan"]["img_size"] == 96 and state["plan"]["mask_ratio"] == 0.5
