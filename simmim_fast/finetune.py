@@ -182,14 +182,21 @@ def load_yaml(path: str, known: set[str]) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneArgs:
-    """Defaults < YAML ``--config`` < command-line flags."""
+    """Defaults < the resumed checkpoint's settings < YAML ``--config`` < command-line flags."""
     ns = vars(build_parser().parse_args(argv))
     merged = asdict(FinetuneArgs())
     config = ns.pop("config")
+    explicit = {k: v for k, v in ns.items() if v is not None}
     if config:
-        merged.update(load_yaml(config, {f.name for f in fields(FinetuneArgs)}))
-    merged.update({k: v for k, v in ns.items() if v is not None})
-    return FinetuneArgs(**merged)
+        explicit = {**load_yaml(config, {f.name for f in fields(FinetuneArgs)}), **explicit}
+    merged.update(explicit)
+    output = merged["output"] or os.path.join("runs", "finetune_" + merged["preset"])
+    saved = ckpt.resumed_settings(merged["resume"], output)
+    return FinetuneArgs(**ckpt.merge_resumed(merged, explicit, saved, keep=_NOT_RESUMED))
+
+
+# Settings of the machine or of this invocation, never taken from a checkpoint on resume.
+_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "data_backend", "eval")
 
 
 @dataclass(frozen=True)

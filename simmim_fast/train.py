@@ -156,8 +156,9 @@ def _load_yaml(path: str) -> dict:
     return out
 
 
-# Settings of the machine a run happens on, not of the run: never taken from a checkpoint on resume.
-_NOT_RESUMED = ("resume", "output", "device", "num_workers", "data_backend")
+# Settings of this invocation or machine (where to stop, what hardware), not of the run: never
+# taken from a checkpoint on resume.
+_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "data_backend")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
@@ -169,25 +170,9 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     if config:
         explicit = {**_load_yaml(config), **explicit}
     merged.update(explicit)
-    if merged["resume"] is not None:
-        saved = _resumed_settings(TrainArgs(**merged))
-        for k, v in saved.items():
-            if k in merged and k not in explicit and k not in _NOT_RESUMED:
-                merged[k] = v
-    return TrainArgs(**merged)
-
-
-def _resumed_settings(a: TrainArgs) -> dict:
-    """The arguments stored in the checkpoint a resumed run continues from ({} if there is none)."""
-    output = Path(a.output or os.path.join("runs", a.preset))
-    path = ckpt.latest_checkpoint(output) if a.resume == "auto" else Path(a.resume)
-    if path is None or not path.is_file():
-        return {}
-    try:  # mmap: reads the small pickled header, not the weights
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        return {}  # reported with a clear message when the run loads it
-    return dict(state.get("args", {})) if isinstance(state, dict) else {}
+    output = merged["output"] or os.path.join("runs", merged["preset"])
+    saved = ckpt.resumed_settings(merged["resume"], output)
+    return TrainArgs(**ckpt.merge_resumed(merged, explicit, saved, keep=_NOT_RESUMED))
 
 
 @dataclass(frozen=True)

@@ -89,3 +89,30 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a foreign or damaged file
         raise ValueError(f"checkpoint: {path} is not a readable simmim-fast checkpoint ({e})") from e
+
+
+def resumed_settings(resume: str | None, output: str | os.PathLike) -> dict:
+    """The CLI arguments stored in the checkpoint that ``--resume`` continues from ({} if none).
+
+    ``resume`` is ``"auto"`` (newest checkpoint in ``output``) or a path. Loaded with ``mmap`` so only the
+    pickled structure is read, not the weights; a damaged file gives {} (the run reports it when it loads).
+    """
+    if resume is None:
+        return {}
+    path = latest_checkpoint(output) if resume == "auto" else Path(resume)
+    if path is None or not path.is_file():
+        return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return {}
+    return dict(state.get("args", {})) if isinstance(state, dict) else {}
+
+
+def merge_resumed(merged: dict, explicit: dict, saved: dict, *, keep: tuple[str, ...]) -> dict:
+    """``merged`` with the resumed run's ``saved`` settings for every key not in ``explicit`` nor ``keep``."""
+    out = dict(merged)
+    for k, v in saved.items():
+        if k in out and k not in explicit and k not in keep:
+            out[k] = v
+    return out
