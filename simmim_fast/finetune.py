@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -45,6 +44,7 @@ from .models.classifier import (
 )
 from .models.interchange import FINETUNE_FORMAT, read_checkpoint
 from .training import checkpoint as ckpt
+from .training.config import load_yaml
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from .training.layer_decay import ScaledWarmupScheduler, layer_decay_param_groups
 from .training.metrics import MetricsLog
@@ -162,23 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--keep-checkpoints", type=int, default=None, help="newest checkpoints kept (0 = all)")
     return p
-
-
-def load_yaml(path: str, known: set[str]) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--config: {path} does not exist")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a mapping of option: value")
-    out = {}
-    for k, v in data.items():
-        key = str(k).replace("-", "_")
-        if key not in known:
-            raise ValueError(f"--config: unknown key {k!r} in {path}; known keys: {', '.join(sorted(known))}")
-        out[key] = v
-    return out
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneArgs:

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from .data.classification import ClassificationFolder, ShardSampler, build_eval_transform, classification_collate
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB
-from .finetune import EvalLog, PRECISIONS, TrainingDiverged, seed_everything, default_workers, evaluate, load_yaml, resolve_data, resolve_precision
+from .finetune import EvalLog, PRECISIONS, TrainingDiverged, seed_everything, default_workers, evaluate, resolve_data, resolve_precision
+from .training.config import load_yaml
 from .models.interchange import load_pretraining_model, read_checkpoint
 from .training import checkpoint as ckpt
 from .training.distributed import DistInfo, barrier, cleanup, init_distributed
@@ -246,6 +247,12 @@ def _run(a: ProbeArgs, info: DistInfo) -> dict:
                  a.pretrained, minfo["preset"], img_size, len(train_ds), len(val_ds), len(classes), a.batch_size,
                  info.world_size, lr, a.epochs, " (precomputed features)" if a.precompute else "")
     criterion = nn.CrossEntropyLoss()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at log steps and epoch ends only
+
+    def check_finite(step: int) -> None:
+        if bool(nonfinite):  # host sync
+            raise TrainingDiverged(f"the loss became NaN/inf at or before step {step}; lower --base-lr")
+
     last: dict = {}
     pbar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="linear probe", unit="step",
                 disable=not info.is_main, dynamic_ncols=True, mininterval=1.0)
@@ -268,14 +275,15 @@ def _run(a: ProbeArgs, info: DistInfo) -> dict:
             step = epoch * steps_per_epoch + i
             scheduler.step_update(step)
             loss = criterion(head(feats), labels)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"the loss became {loss.item()} at step {step}; lower --base-lr")
+            nonfinite |= ~torch.isfinite(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             pbar.update(1)
             if (step + 1) % a.log_every == 0:
+                check_finite(step)
                 pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        check_finite((epoch + 1) * steps_per_epoch - 1)  # never save weights after a NaN
         # ---- evaluate ------------------------------------------------------------------------
         if cached is not None:
             res = _eval_cached(probe.head, cached[1], device, info, len(classes))

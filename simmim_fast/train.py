@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -29,6 +28,7 @@ from .data.transforms import build_pretrain_transform
 from .models import DEFAULT_PRESET, PRESETS, create_model, get_preset
 from .ops.masked_l1_loss import LOSSES, REGIONS
 from .training import checkpoint as ckpt
+from .training.config import load_yaml
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from .training.metrics import MetricsLog
 from .training.optim import WarmupScheduler, build_optimizer
@@ -138,24 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_yaml(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--config: {path} does not exist")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a mapping of option: value")
-    known = {f.name for f in fields(TrainArgs)}
-    out = {}
-    for k, v in data.items():
-        key = str(k).replace("-", "_")
-        if key not in known:
-            raise ValueError(f"--config: unknown key {k!r} in {path}; known keys: {', '.join(sorted(known))}")
-        out[key] = v
-    return out
-
-
 # Settings of this invocation or machine (where to stop, what hardware), not of the run: never
 # taken from a checkpoint on resume.
 _NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "data_backend")
@@ -168,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     config = ns.pop("config")
     explicit = {k: v for k, v in ns.items() if v is not None}
     if config:
-        explicit = {**_load_yaml(config), **explicit}
+        explicit = {**load_yaml(config, {f.name for f in fields(TrainArgs)}), **explicit}
     merged.update(explicit)
     output = merged["output"] or os.path.join("runs", merged["preset"])
     saved = ckpt.resumed_settings(merged["resume"], output)

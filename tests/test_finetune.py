@@ -356,3 +356,13 @@ def test_ddp_two_process_gloo_matches_single_process(tmp_path):
     assert sd["world_size"] == 2 and sd["plan"]["lr"] == pytest.approx(ss["plan"]["lr"])
     for k, v in ss["model"].items():
         torch.testing.assert_close(sd["model"][k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_probe_nan_stops_without_saving(tmp_path, colour_data, pretrain_ckpt_96, capsys):
+    out = tmp_path / "lp_nan"
+    rc = linear_probe.main(["--pretrained", str(pretrain_ckpt_96), "--data", str(colour_data), "--output", str(out),
+                            "--precompute", "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16",
+                            "--num-workers", "0", "--base-lr", "1e38"])
+    assert rc == 3
+    assert "NaN/inf" in capsys.readouterr().err
+    assert not list(out.glob("checkpoint_*.pt")) and not (out / "best.pt").exists()

@@ -1,7 +1,6 @@
 """SimMIM models: timm-based Swin / BEiT-style ViT encoders, the SimMIM wrapper, presets."""
 from __future__ import annotations
 
-import torch.nn as nn
 
 from .presets import DEFAULT_PRESET, PRESETS, Preset, Recipe, build_encoder, get_preset
 from .simmim import SimMIM
