@@ -285,9 +285,9 @@ class _ClassificationLoader(dali.DaliBatchLoader):
 
     def _convert(self, out: dict, rng) -> tuple[torch.Tensor, torch.Tensor]:
         images = out["images"]
-        indices = out["indices"].reshape(-1).to(device=self._targets.device, dtype=torch.int64)
-        self.last_indices = indices.cpu()
-        return images, self._targets[indices]
+        indices = out["indices"].reshape(-1).to(torch.int64)  # the reader's labels: a CPU output
+        self.last_indices = indices
+        return images, self._targets[indices.to(self._targets.device, non_blocking=True)]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={str(self.root)!r}, files={len(self.files)}, skipped={len(self.scan_skipped)}, "
