@@ -45,6 +45,7 @@ from .models.classifier import (
 from .models.interchange import FINETUNE_FORMAT, read_checkpoint
 from .training import checkpoint as ckpt
 from .training.config import load_yaml
+from .training.cli import TrainingDiverged, run_cli
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from .training.layer_decay import ScaledWarmupScheduler, layer_decay_param_groups
 from .training.metrics import MetricsLog
@@ -55,10 +56,6 @@ log = logging.getLogger("simmim_fast.finetune")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DATA_BACKENDS = ("auto", "torch", "dali")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; nothing was saved after it."""
 
 
 @dataclass
@@ -731,16 +728,7 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        finetune(parse_args(argv))
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: finetune(parse_args(argv)))
 
 
 if __name__ == "__main__":

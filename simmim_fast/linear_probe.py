@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from .data.classification import ClassificationFolder, ShardSampler, build_eval_transform, classification_collate
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB
-from .finetune import EvalLog, PRECISIONS, TrainingDiverged, seed_everything, default_workers, evaluate, resolve_data, resolve_precision
+from .finetune import EvalLog, PRECISIONS, seed_everything, default_workers, evaluate, resolve_data, resolve_precision
 from .training.config import load_yaml
+from .training.cli import TrainingDiverged, run_cli
 from .models.interchange import load_pretraining_model, read_checkpoint
 from .training import checkpoint as ckpt
 from .training.distributed import DistInfo, barrier, cleanup, init_distributed
@@ -331,16 +332,7 @@ def _eval_cached(head: nn.Module, val: tuple[torch.Tensor, torch.Tensor], device
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        linear_probe(parse_args(argv))
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: linear_probe(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .models import DEFAULT_PRESET, PRESETS, create_model, get_preset
 from .ops.masked_l1_loss import LOSSES, REGIONS
 from .training import checkpoint as ckpt
 from .training.config import load_yaml
+from .training.cli import TrainingDiverged, run_cli
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from .training.metrics import MetricsLog
 from .training.optim import WarmupScheduler, build_optimizer
@@ -39,10 +40,6 @@ from .viz import save_reconstruction_grid
 log = logging.getLogger("simmim_fast.train")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; nothing was saved after it."""
 
 
 @dataclass
@@ -504,17 +501,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        args = parse_args(argv)
-        train(args)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: train(parse_args(argv)))
 
 
 if __name__ == "__main__":
