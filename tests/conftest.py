@@ -15,3 +15,28 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# ``python -m simmim_fast.kernel_check collect --op-tests`` runs the op tests with this variable set:
+# every Triton launch of the session is then logged and written there at the end (distinct signatures).
+_LAUNCH_LOG_PATH = os.environ.get("SIMMIM_FAST_LAUNCH_LOG")
+_launch_log_session: dict = {}
+
+
+def pytest_sessionstart(session):
+    if _LAUNCH_LOG_PATH:
+        from simmim_fast.ops import launch_log
+
+        block = launch_log.record()
+        _launch_log_session.update(block=block, log=block.__enter__())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _launch_log_session:
+        import json
+
+        from simmim_fast.ops import launch_log
+
+        records = launch_log.unique(_launch_log_session["log"])
+        _launch_log_session["block"].__exit__(None, None, None)
+        with open(_LAUNCH_LOG_PATH, "w") as f:
+            json.dump(records, f)

@@ -117,6 +117,22 @@ def test_fill_non_contiguous(layout):
     _fill_check(tokens, mask, _randn((24,), 12), grad_out)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [48, 80])  # one and two channel tiles (the second partial)
+def test_fill_channels_first_tokens_take_the_transposing_kernel(dtype, C):
+    """ViT's patch embedding hands an NCHW conv output viewed as (B, H, W, C) (14 x 14 tokens, 7 x 7 mask
+    cells): the channels-first kernel takes it (checked in the launch log) and matches the reference."""
+    from simmim_fast.ops import launch_log
+
+    tokens = _randn((2, C, 14, 14), 21, dtype).flatten(2).transpose(1, 2).view(2, 14, 14, C)
+    assert fill_mod.channels_first(tokens) and not fill_mod.channels_first(tokens.contiguous())
+    with launch_log.record() as log:
+        _fill_check(tokens, _mask((2, 7, 7), 22), _randn((C,), 23, dtype), _randn((2, 14, 14, C), 24, dtype))
+    kernels = [rec["kernel"].split(":")[1] for rec in log]
+    assert kernels[0] == "_fill_fwd_cf_kernel", kernels
+    assert "_fill_fwd_kernel" not in kernels
+
+
 def test_fill_expanded_grad():
     """``out.sum()`` gives a stride-0 upstream gradient."""
     tokens = _randn((2, 6, 6, 8), 13).requires_grad_(True)

@@ -10,7 +10,9 @@ Shapes
 Computed in float32 and stored in ``tokens.dtype``. Differentiable in ``tokens`` and ``mask_token``.
 
 Triton path: one pass reads the tokens and the mask at its own (coarse) grid (the mask is never
-upsampled in memory) and writes the blended tokens. Backward: ``dtokens = g * (1 - m)`` and
+upsampled in memory) and writes the blended tokens. Tokens that are an NCHW tensor viewed as
+``(B, H, W, C)`` (ViT's conv patch embedding) take a kernel that reads each tile along tokens and
+writes it along channels (coalesced on both sides) instead of a strided, element-by-element gather. Backward: ``dtokens = g * (1 - m)`` and
 ``dmask_token = sum(g * m)`` reduced in the same kernel, per program in registers, then either
 two-stage (per-program partial sums reduced by ``torch.sum``: bit-exact run to run,
 ``deterministic=True``) or with fp32 atomics (``deterministic=False``). ``deterministic=None``
@@ -86,6 +88,34 @@ if HAS_TRITON:
         tl.store(out_ptr + rows[:, None] * C + cols[None, :], cast_to(out, out_ptr.dtype.element_ty), mask=tile)
 
     @triton.jit
+    def _fill_fwd_cf_kernel(
+        t_ptr, m_ptr, mt_ptr, out_ptr,
+        W, C, rh, rw,
+        m_sb, m_sh, m_sw, mt_s,
+        HW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Channels-first tokens: an NCHW tensor ``(B, C, H, W)`` viewed as ``(B, H, W, C)`` (what a conv
+        patch embedding's ``flatten(2).transpose(1, 2)`` gives). A (BLOCK_L tokens) x (BLOCK_C channels)
+        tile of image ``program_id(0)`` is read along tokens (contiguous there; ``HW`` is a constexpr so
+        the compiler knows each channel plane's alignment) and written along channels: Triton moves the
+        tile through shared memory between the two layouts, so both sides are coalesced."""
+        b = tl.program_id(0)
+        l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        lmask = l < HW
+        cmask = cols < C
+        y = l // W
+        x = l - y * W
+        w = tl.load(m_ptr + b * m_sb + (y // rh) * m_sh + (x // rw) * m_sw, mask=lmask, other=0).to(tl.float32)
+        mt = tl.load(mt_ptr + cols * mt_s, mask=cmask, other=0).to(tl.float32)
+        tile = lmask[:, None] & cmask[None, :]
+        plane = (b * C + cols) * HW  # start of each channel's (H, W) plane
+        t = tl.load(t_ptr + plane[None, :] + l[:, None], mask=tile, other=0).to(tl.float32)
+        w2 = w[:, None]
+        out = t * (1.0 - w2) + mt[None, :] * w2
+        tl.store(out_ptr + (b * HW + l)[:, None] * C + cols[None, :], cast_to(out, out_ptr.dtype.element_ty), mask=tile)
+
+    @triton.jit
     def _fill_bwd_kernel(
         g_ptr, m_ptr, dt_ptr, part_ptr,
         n_rows, H, W, C, rh, rw, iters,
@@ -99,7 +129,10 @@ if HAS_TRITON:
         cmask = cols < C
         hw = H * W
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for it in range(iters):
+        # A while loop, not ``for it in range(iters)``: triton 3.6's interpreter cannot take a runtime
+        # bound in range() with NumPy >= 2.4 (TypeError); compiled, both become the same scf loop.
+        it = 0
+        while it < iters:
             rows = (pid_r * iters + it) * BLOCK_R + tl.arange(0, BLOCK_R)
             rmask = rows < n_rows
             b = rows // hw
@@ -113,6 +146,7 @@ if HAS_TRITON:
             g = g.to(tl.float32)
             tl.store(dt_ptr + rows[:, None] * C + cols[None, :], cast_to(g * (1.0 - w2), dt_ptr.dtype.element_ty), mask=tile)
             acc += tl.sum(g * w2, axis=0)
+            it += 1
         if ATOMIC:
             tl.atomic_add(part_ptr + cols, acc, mask=cmask)
         else:
@@ -130,6 +164,12 @@ def _tiles(n_rows: int, C: int) -> tuple[int, int, int]:
 # host code (registered twice with torch.library, see _library.py)
 
 
+def channels_first(tokens: torch.Tensor) -> bool:
+    """True for ``(B, H, W, C)`` tokens that are an NCHW-contiguous tensor viewed channels-last."""
+    B, H, W, C = tokens.shape
+    return C > 1 and H * W > 1 and tokens.stride() == (C * H * W, W, 1, H * W)
+
+
 def _forward_impl(launch, tokens, mask, mask_token, deterministic):
     B, H, W, C = tokens.shape
     out = new_output((B, H, W, C), dtype=tokens.dtype, device=tokens.device)
@@ -137,6 +177,16 @@ def _forward_impl(launch, tokens, mask, mask_token, deterministic):
     if out.numel() == 0:
         return out
     m = kernel_mask(mask)
+    if channels_first(tokens):
+        block_l, block_c = 64, min(next_pow2(C), 64)
+        grid = (B, triton.cdiv(H * W, block_l), triton.cdiv(C, block_c))
+        launch(_fill_fwd_cf_kernel)[grid](
+            tokens, m, mask_token, out,
+            W, C, H // m.shape[1], W // m.shape[2],
+            *m.stride(), mask_token.stride(0),
+            HW=H * W, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+        )
+        return out
     block_r, block_c, warps = _tiles(n_rows, C)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(C, block_c))
     launch(_fill_fwd_kernel)[grid](
@@ -148,7 +198,9 @@ def _forward_impl(launch, tokens, mask, mask_token, deterministic):
     return out
 
 
-def _forward_fake(tokens, mask, mask_token, deterministic):
+def _forward_fake(
+    tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, deterministic: bool
+) -> torch.Tensor:
     return tokens.new_empty(tokens.shape)
 
 
@@ -177,16 +229,13 @@ def _backward_impl(launch, grad, mask, mask_token, deterministic):
     return dtokens, dmt.to(mask_token.dtype)
 
 
-def _backward_fake(grad, mask, mask_token, deterministic):
+def _backward_fake(
+    grad: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     return grad.new_empty(grad.shape), mask_token.new_empty(mask_token.shape)
 
 
-_BWD = register(
-    "mask_token_fill_backward",
-    "(Tensor grad, Tensor mask, Tensor mask_token, bool deterministic) -> (Tensor, Tensor)",
-    _backward_impl,
-    _backward_fake,
-)
+_BWD = register("mask_token_fill_backward", _backward_impl, _backward_fake)
 
 
 def _autograd(traceable: bool):
@@ -205,13 +254,7 @@ def _autograd(traceable: bool):
     return setup_context, backward
 
 
-_FWD = register(
-    "mask_token_fill",
-    "(Tensor tokens, Tensor mask, Tensor mask_token, bool deterministic) -> Tensor",
-    _forward_impl,
-    _forward_fake,
-    autograd=_autograd,
-)
+_FWD = register("mask_token_fill", _forward_impl, _forward_fake, autograd=_autograd)
 
 
 # ----------------------------------------------------------------------------------------------------

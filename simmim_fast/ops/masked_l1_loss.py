@@ -28,6 +28,7 @@ The same kernel reads gathered rows (``token_index``) for the masked-only head (
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,14 +74,19 @@ if HAS_TRITON:
     @triton.jit
     def _loss_kernel(
         pred_ptr, img_ptr, mask_ptr, idx_ptr, scale_ptr, part_ptr, grad_ptr,
-        h, w, C, s, rh, rw, beta,
+        h, w, s, rh, rw, beta,
         p_sb, p_sy, p_sx, p_sk,
         i_sb, i_sc, i_sy, i_sx,
         m_sb, m_sy, m_sx,
-        LOSS: tl.constexpr, ALL: tl.constexpr, GATHERED: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        C: tl.constexpr, LOSS: tl.constexpr, ALL: tl.constexpr, GATHERED: tl.constexpr, WRITE_GRAD: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        """One token per program: its C x (s*s) values; partial loss -> part[pid], gradient -> grad row pid."""
+        """One token per program: its C x (s*s) values; partial loss -> part[pid], gradient -> grad row pid.
+
+        ``C`` (image channels, 3 in practice) is a compile-time constant: the channel loop is unrolled
+        (``static_range``), which also keeps runtime-bounded ``range`` loops out of the kernel (triton
+        3.6's interpreter fails on those with NumPy >= 2.4).
+        """
         pid = tl.program_id(0)
         hw = h * w
         if GATHERED:
@@ -114,7 +120,7 @@ if HAS_TRITON:
             scale = tl.load(scale_ptr)
             acc = tl.zeros([BLOCK_P], dtype=tl.float32)
             pix = b * i_sb + Y * i_sy + X * i_sx
-            for c in range(C):
+            for c in tl.static_range(C):
                 pr = tl.load(pred_ptr + prow + (c * ss + p) * p_sk, mask=pm, other=0).to(tl.float32)
                 xv = tl.load(img_ptr + pix + c * i_sc, mask=pm, other=0).to(tl.float32)
                 d = pr - xv
@@ -138,7 +144,7 @@ if HAS_TRITON:
             tl.store(part_ptr + pid, 0.0)
             if WRITE_GRAD:
                 zero = tl.zeros([BLOCK_P], dtype=tl.float32).to(grad_ptr.dtype.element_ty)
-                for c in range(C):
+                for c in tl.static_range(C):
                     tl.store(grad_ptr + grow + c * ss + p, zero, mask=pm)
 
 
@@ -177,9 +183,9 @@ def _forward_impl(launch, pred, images, mask, token_index, eps, loss, region_all
         block_p = next_pow2(s * s)
         launch(_loss_kernel)[(n_rows,)](
             pred, images, m, idx, scale, part, grad if compute_grad else part,
-            H // s, W // s, C, s, H // m.shape[1], W // m.shape[2], float(beta),
+            H // s, W // s, s, H // m.shape[1], W // m.shape[2], float(beta),
             *p_strides, *images.stride(), *m.stride(),
-            LOSS=_LOSS_CODE[loss], ALL=bool(region_all), GATHERED=gathered, WRITE_GRAD=bool(compute_grad),
+            C=C, LOSS=_LOSS_CODE[loss], ALL=bool(region_all), GATHERED=gathered, WRITE_GRAD=bool(compute_grad),
             BLOCK_P=block_p, num_warps=8 if block_p >= 1024 else 4,
         )
     value = part.sum() / denom / C
@@ -192,7 +198,17 @@ def grad_buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _forward_fake(pred, images, mask, token_index, eps, loss, region_all, beta, compute_grad):
+def _forward_fake(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    token_index: Optional[torch.Tensor],
+    eps: float,
+    loss: str,
+    region_all: bool,
+    beta: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     grad_shape = pred.shape if compute_grad else (0,)
     return pred.new_empty((), dtype=torch.float32), pred.new_empty(grad_shape, dtype=grad_buffer_dtype(pred.dtype))
 
@@ -216,14 +232,7 @@ def _autograd(traceable: bool):
     return setup_context, backward
 
 
-_FWD = register(
-    "masked_l1_loss",
-    "(Tensor pred, Tensor images, Tensor mask, Tensor? token_index, float eps, str loss, bool region_all, "
-    "float beta, bool compute_grad) -> (Tensor, Tensor)",
-    _forward_impl,
-    _forward_fake,
-    autograd=_autograd,
-)
+_FWD = register("masked_l1_loss", _forward_impl, _forward_fake, autograd=_autograd)
 
 
 def fused_loss(pred, images, mask, token_index, *, eps, loss, region, beta):

@@ -86,7 +86,7 @@ def _forward_impl(launch, pred, in_chans):
     return out
 
 
-def _forward_fake(pred, in_chans):
+def _forward_fake(pred: torch.Tensor, in_chans: int) -> torch.Tensor:
     B, h, w, K = pred.shape
     s = math.isqrt(K // in_chans)
     return pred.new_empty((B, in_chans, h * s, w * s))
@@ -99,12 +99,12 @@ def _backward_impl(launch, grad, s):
     return out
 
 
-def _backward_fake(grad, s):
+def _backward_fake(grad: torch.Tensor, s: int) -> torch.Tensor:
     B, C, H, W = grad.shape
     return grad.new_empty((B, H // s, W // s, C * s * s))
 
 
-_BWD = register("pixel_shuffle_head_backward", "(Tensor grad, int s) -> Tensor", _backward_impl, _backward_fake)
+_BWD = register("pixel_shuffle_head_backward", _backward_impl, _backward_fake)
 
 
 def _autograd(traceable: bool):
@@ -120,9 +120,7 @@ def _autograd(traceable: bool):
     return setup_context, backward
 
 
-_FWD = register(
-    "pixel_shuffle_head", "(Tensor pred, int in_chans) -> Tensor", _forward_impl, _forward_fake, autograd=_autograd
-)
+_FWD = register("pixel_shuffle_head", _forward_impl, _forward_fake, autograd=_autograd)
 
 
 def head_stride(pred: torch.Tensor, in_chans: int, name: str = "pred") -> int:
