@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# Downloads, on the CPU machine, the wheels the GPU image lacks (xformers; DALI split in <55 MB parts)
-# into .whl/ (git-ignored via .git/info/exclude) for benchmarks/run_gpu.sh. See the device tool README.
+# Downloads, on the CPU machine, the wheels the GPU image lacks into .whl/ (git-ignored through
+# .git/info/exclude) for benchmarks/run_gpu.sh: xformers only (3 MB), for Python 3.12 / x86-64.
+# DALI is large (~270 MB in 5 carries) and optional: benchmarks/gpu_dali.sh fetches and installs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-grep -qx '/.dali/' .git/info/exclude 2>/dev/null || echo '/.dali/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
-      --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64)
-dl() { python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" "$@"; }
-mkdir -p .whl .dali
-dl -d .whl xformers==0.0.35
-if [ "${WITH_DALI:-0}" = 1 ]; then
-  tmp=$(mktemp -d)
-  dl -d "$tmp" nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13 optree libcst makefun gast astunparse nvtx
-  tar -C "$tmp" -cf - . | split -b 55M - .dali/dali.tar.part-
-  ls -la .dali
-fi
+      --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+  -d .whl xformers==0.0.35
 ls -la .whl
+echo 'GPU run: run(command="bash benchmarks/run_gpu.sh", carry=[".whl"], timeout_s=600)'
