@@ -176,7 +176,8 @@ def reconstruct_with_stats(
     try:
         state = ckpt.load_checkpoint(ckpt_path)
     except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"--{e}") from None  # "checkpoint: ..." -> "--checkpoint: ..."
+        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+        raise kind(f"--{e}") from None  # "checkpoint: ..." -> "--checkpoint: ..."
     if not isinstance(state, dict):
         raise ValueError(f"--checkpoint: {ckpt_path} is not a simmim-fast pretraining checkpoint")
     model = load_model(state, ckpt_path)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from simmim_fast import finetune, linear_probe
+from simmim_fast import finetune, linear_probe, serialization
 from simmim_fast.data.classification import (
     ClassificationFolder, _posterize_any_bits, build_train_transform, split_dirs,
 )
@@ -303,17 +303,17 @@ def test_official_and_small_presets_mirror_the_official_configs():
 # ---------------------------------------------------------------------------------------------
 def test_linear_probe_trains_only_the_head_and_beats_chance(tmp_path, colour_data, pretrain_ckpt_96, capsys):
     out = tmp_path / "lp"
-    before = torch.load(pretrain_ckpt_96, weights_only=False)["model"]
+    before = serialization.load(pretrain_ckpt_96)["model"]
     res = linear_probe.linear_probe(linear_probe.parse_args([
         "--pretrained", str(pretrain_ckpt_96), "--data", str(colour_data), "--output", str(out), "--precompute",
         "--epochs", "3", "--warmup-epochs", "0", "--batch-size", "16", "--num-workers", "0"]))
     assert res["best"]["acc1"] > 50.0, res
     rows = read_csv(out / "eval.csv")
     assert len(rows) == 3 and (out / "best.pt").is_file()
-    head = torch.load(out / "best.pt", weights_only=False)["head"]
+    head = serialization.load(out / "best.pt")["head"]
     assert set(head) >= {"1.weight", "1.bias"} and "0.running_mean" in head and "0.weight" not in head  # BN without affine
     # the encoder is frozen: the probe never touches it (it is rebuilt from the unchanged checkpoint)
-    assert all(torch.equal(v, torch.load(pretrain_ckpt_96, weights_only=False)["model"][k]) for k, v in before.items())
+    assert all(torch.equal(v, serialization.load(pretrain_ckpt_96)["model"][k]) for k, v in before.items())
 
 
 def test_linear_probe_augmented_path_and_bad_input(tmp_path, colour_data, pretrain_ckpt_96, capsys):
@@ -351,8 +351,8 @@ def test_ddp_two_process_gloo_matches_single_process(tmp_path):
     d, s = read_csv(ddp / "eval.csv")[-1], read_csv(single / "eval.csv")[-1]
     assert d["images"] == s["images"] == "17"  # every val image once: no padding, no duplicates
     assert float(d["loss"]) == pytest.approx(float(s["loss"]), rel=1e-4)
-    sd = torch.load(ddp / "checkpoint_00000002.pt", weights_only=False)
-    ss = torch.load(single / "checkpoint_00000002.pt", weights_only=False)
+    sd = serialization.load(ddp / "checkpoint_00000002.pt")
+    ss = serialization.load(single / "checkpoint_00000002.pt")
     assert sd["world_size"] == 2 and sd["plan"]["lr"] == pytest.approx(ss["plan"]["lr"])
     for k, v in ss["model"].items():
         torch.testing.assert_close(sd["model"][k], v, atol=1e-5, rtol=1e-4)

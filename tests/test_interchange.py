@@ -286,24 +286,34 @@ def test_official_swin_downsample_moves_to_next_stage():
     assert {"head.fc.weight", "head.fc.bias"} <= set(official_to_ours(ft))
 
 
-def test_official_file_with_unimportable_config_is_read(tmp_path):
-    """Official checkpoints pickle a yacs config; reading must not need yacs."""
-    mod = types.ModuleType("fake_yacs_config")
+def _fake_yacs():
+    """A stand-in for yacs (not installed here) whose CfgNode pickles as ``yacs.config.CfgNode``, as the
+    official microsoft/SimMIM checkpoints do (a dict subclass with attributes in ``__dict__``)."""
+    pkg, mod = types.ModuleType("yacs"), types.ModuleType("yacs.config")
 
     class CfgNode(dict):
-        pass
+        def __init__(self, init_dict=None, **kw):
+            super().__init__(init_dict or {}, **kw)
+            self.__dict__.update({"__immutable__": False, "__deprecated_keys__": set(), "__new_allowed__": False})
 
-    CfgNode.__module__, CfgNode.__qualname__ = "fake_yacs_config", "CfgNode"
-    mod.CfgNode = CfgNode
-    sys.modules["fake_yacs_config"] = mod
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    mod.CfgNode, pkg.config = CfgNode, mod
+    return pkg, mod, CfgNode
+
+
+def test_official_file_with_unimportable_config_is_read(tmp_path):
+    """Official checkpoints pickle a yacs config; reading needs neither yacs nor a full unpickle."""
+    pkg, mod, CfgNode = _fake_yacs()
+    sys.modules["yacs"], sys.modules["yacs.config"] = pkg, mod
     try:
         cfg = CfgNode(DATA=CfgNode(IMG_SIZE=64))
         path = tmp_path / "official.pth"
         torch.save({"model": official_swin_state(SWIN), "config": cfg, "epoch": 99}, path)
     finally:
-        del sys.modules["fake_yacs_config"]
+        del sys.modules["yacs"], sys.modules["yacs.config"]
     ck = read_checkpoint(path)
     assert ck.kind == "official" and ck.meta["config"]["DATA"]["IMG_SIZE"] == 64
+    assert type(ck.meta["config"]).__module__ == "simmim_fast.serialization"  # an inert stand-in
     assert set(ck.state_dict) == set(official_swin_state(SWIN))
 
 

@@ -39,10 +39,8 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -50,6 +48,8 @@ from typing import Mapping
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .. import serialization
 
 log = logging.getLogger("simmim_fast.interchange")
 
@@ -78,45 +78,9 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)  # ours: the checkpoint minus tensors; official: its other keys
 
 
-class _Missing(dict):
-    """Stand-in for a pickled class whose module is not installed (e.g. the official yacs config)."""
-
-    def __init__(self, *args, **kwargs):  # swallow constructor arguments
-        super().__init__()
-
-    def __setstate__(self, state):
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ModuleNotFoundError, AttributeError):
-            return type(name, (_Missing,), {"__module__": "simmim_fast.interchange.missing." + module})
-
-
-_tolerant_pickle = types.SimpleNamespace(
-    __name__="simmim_fast_tolerant_pickle", Unpickler=_TolerantUnpickler,
-    load=lambda f, **kw: _TolerantUnpickler(f, **kw).load(),
-)
-
-
 def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_error:  # pickled objects beyond tensors (our args, the official yacs config)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except (ModuleNotFoundError, AttributeError):
-            log.info("checkpoint %s pickles classes that are not installed (e.g. yacs); reading it with stand-ins", path)
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
-            except Exception as e:
-                raise ValueError(f"checkpoint: {path} could not be read ({e})") from e
-        except Exception as e:
-            raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({safe_error}; {e})") from e
+    """Read as data: tensors, containers, and official configs as plain dicts (``serialization.load``)."""
+    return serialization.load(path)
 
 
 def _tensors_only(d: Mapping) -> dict[str, torch.Tensor]:
@@ -145,6 +109,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             meta = dict(f.metadata() or {})
             sd = {k: f.get_tensor(k) for k in f.keys()}
         info = json.loads(meta["simmim_fast"]) if "simmim_fast" in meta else {}
+        if info.get("checkpoint_kind") == "official":  # written by ``python -m simmim_fast.convert``
+            return Checkpoint("official", sd, p, dict(info.get("meta", {})))
         return Checkpoint("state_dict", sd, p, info)
     obj = _torch_load(p)
     if not isinstance(obj, Mapping):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import serialization
+
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
@@ -82,13 +84,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a foreign or damaged file
-        raise ValueError(f"checkpoint: {path} is not a readable simmim-fast checkpoint ({e})") from e
+    """A checkpoint of ours, read as data (``serialization.load``: never a full unpickle)."""
+    state = serialization.load(path, map_location=map_location)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint: {path} holds a {type(state).__name__}, not a simmim-fast checkpoint")
+    return state
 
 
 def resumed_settings(resume: str | None, output: str | os.PathLike) -> dict:
@@ -103,8 +103,8 @@ def resumed_settings(resume: str | None, output: str | os.PathLike) -> dict:
     if path is None or not path.is_file():
         return {}
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
+        state = serialization.load(path, mmap=True)
+    except (ValueError, FileNotFoundError):  # damaged or unsafe: reported when the run loads it
         return {}
     return dict(state.get("args", {})) if isinstance(state, dict) else {}
 
