@@ -467,14 +467,7 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
     device = info.device
 
     # ---- resume point ------------------------------------------------------------------------
-    resume_path = None
-    if a.resume is not None:
-        resume_path = ckpt.latest_checkpoint(output) if a.resume == "auto" else Path(a.resume)
-        if resume_path is None and info.is_main:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", output)
-    elif ckpt.list_checkpoints(output):
-        raise ValueError(f"--output: {output} already holds checkpoints; pass --resume to continue that run or choose another --output")
-    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)
     if state is not None:
         if state.get("format") != FINETUNE_FORMAT:
             raise ValueError(f"--resume: {resume_path} is not a fine-tuning checkpoint of this CLI")
@@ -631,6 +624,12 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
         nonlocal last_ckpt, last_saved, last_eval
         check_finite()
         net = _unwrap(model)
+        bad = ckpt.nonfinite_tensors({"model": net.state_dict(), "optimizer": optimizer.state_dict()["state"]})
+        if bad:  # the loss before the update was finite, the update was not
+            raise TrainingDiverged(
+                f"weights or optimizer state became NaN/inf by step {step} ({', '.join(bad)}); stopping without "
+                f"saving. Last good checkpoint: {last_ckpt or 'none'}"
+            )
         res = evaluate(net, val_dl, device=device, autocast=autocast, info=info, num_classes=len(classes))
         row = {"epoch": round(step / steps_per_epoch, 4), "step": step, "acc1": round(res["acc1"], 4),
                "acc5": round(res["acc5"], 4), "loss": round(res["loss"], 6), "images": res["images"]}

@@ -264,16 +264,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
     device = info.device
 
     # ---- resume point -------------------------------------------------------------------
-    resume_path = None
-    if a.resume is not None:
-        resume_path = ckpt.latest_checkpoint(output) if a.resume == "auto" else Path(a.resume)
-        if resume_path is None and info.is_main:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", output)
-    elif ckpt.list_checkpoints(output):
-        raise ValueError(
-            f"--output: {output} already holds checkpoints; pass --resume to continue that run or choose another --output"
-        )
-    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)
     if state is not None and state.get("args", {}).get("preset") != a.preset:
         raise ValueError(f"--resume: {resume_path} was trained with preset {state['args'].get('preset')!r}, not {a.preset!r}")
 
@@ -403,6 +394,12 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
     def save_now() -> Path:
         nonlocal last_saved, last_ckpt
         check_finite()
+        bad = ckpt.nonfinite_tensors({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict()["state"]})
+        if bad:  # the loss before the update was finite, the update was not
+            raise TrainingDiverged(
+                f"weights or optimizer state became NaN/inf by step {step} ({', '.join(bad)}); stopping without "
+                f"saving. Last good checkpoint: {last_ckpt or 'none'}"
+            )
         rng_states = all_gather_objects(ckpt.rng_state(), info)
         path = None
         if info.is_main:

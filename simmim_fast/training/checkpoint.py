@@ -1,10 +1,13 @@
 """Atomic checkpoints: written to a temporary file, fsynced, then renamed into place.
 
 A run killed at any moment leaves only complete ``checkpoint_<step>.pt`` files (and perhaps a stray
-``*.tmp`` that is ignored), so resuming takes the newest complete one.
+``.*.tmp`` of the killed writer, removed by the next run in that folder: ``clean_stale_temps``), so
+resuming takes the newest complete one; ``load_latest`` also steps back past a damaged newest file.
+Before a save the trainers check the weights and optimizer state are finite (``nonfinite_tensors``).
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -40,15 +43,51 @@ def latest_checkpoint(output: str | os.PathLike) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+_TEMP = re.compile(r"^\.(?:checkpoint_\d+|best|best_ema)\.pt\.(\d+)\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(output: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that killed saves left in ``output`` (ours only: matched by name, and only
+    those whose writing process is gone). Returns what was removed."""
+    out = Path(output)
+    removed = []
+    if not out.is_dir():
+        return removed
+    for p in out.iterdir():
+        m = _TEMP.match(p.name)
+        if m and p.is_file() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` to a temp file, fsync, rename into place. A failing write (disk full, permissions)
+    removes its temp file and leaves the previous checkpoints as they were."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -81,6 +120,77 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def nonfinite_tensors(state: dict, *, limit: int = 5) -> list[str]:
+    """Names of floating-point tensors of a state dict (or nested dicts/lists) that hold NaN/inf.
+
+    One device synchronisation in all (a stacked ``isfinite`` reduction), so it is cheap at save steps.
+    """
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def walk(prefix: str, obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and obj.numel():
+                named.append((prefix, obj))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}.{i}", v)
+
+    walk("", state)
+    if not named:
+        return []
+    flags = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=False) for _, t in named])
+    return [name for (name, _), ok in zip(named, flags.tolist()) if not ok][:limit]
+
+
+def load_latest(output: str | os.PathLike, map_location="cpu") -> tuple[Path, dict, list[str]] | None:
+    """The newest checkpoint of ``output`` that reads: ``(path, state, notes)``; ``notes`` say which newer
+    files were damaged (truncated, not a checkpoint) and skipped. A file refused as unsafe is not skipped:
+    its error is raised. None when the folder has no checkpoint."""
+    notes = []
+    for _, path in reversed(list_checkpoints(output)):
+        try:
+            return path, load_checkpoint(path, map_location=map_location), notes
+        except serialization.UnsafeCheckpointError:
+            raise
+        except ValueError as e:
+            notes.append(f"skipped {path.name}: {e}")
+    if notes:
+        raise ValueError(f"--resume: no readable checkpoint in {output} ({'; '.join(notes)})")
+    return None
+
+
+def resume_point(resume: str | None, output: str | os.PathLike, *, is_main: bool = True) -> tuple[Path | None, dict | None]:
+    """Where a run in ``output`` starts: ``(checkpoint path, state)`` or ``(None, None)`` for a fresh run.
+
+    Removes temp files of killed saves first. ``resume``: None (fresh; an error if ``output`` already
+    holds checkpoints), ``"auto"`` (the newest readable checkpoint of ``output``, stepping back past a
+    damaged one with a warning; fresh with a warning if there is none) or a checkpoint path.
+    """
+    log = logging.getLogger("simmim_fast.checkpoint")
+    if is_main:
+        for p in clean_stale_temps(output):
+            log.info("removed %s, left by a save that was killed", p)
+    if resume is None:
+        if list_checkpoints(output):
+            raise ValueError(f"--output: {output} already holds checkpoints; pass --resume to continue that run "
+                             f"or choose another --output")
+        return None, None
+    if resume != "auto":
+        return Path(resume), load_checkpoint(resume)
+    found = load_latest(output)
+    if found is None:
+        if is_main:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", output)
+        return None, None
+    path, state, notes = found
+    for note in notes if is_main else ():
+        log.warning("--resume: %s; resuming from %s instead", note, path.name)
+    return path, state
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -1,0 +1,95 @@
+"""Checkpoints that are what they claim: no NaN weights saved, no leaked temp files, resume past a damaged file.
+
+Runs use the small preset at 96 px (as tests/test_train.py), in process.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from simmim_fast import train
+from simmim_fast.training import checkpoint as ckpt
+
+FAST = ["--img-size", "96", "--batch-size", "2", "--num-workers", "0"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMMIM_FAST_CACHE", str(tmp_path / "cache"))
+
+
+def test_nonfinite_weights_after_a_finite_loss_are_never_saved(tmp_path, monkeypatch, capsys):
+    """The loss is computed before the update: a step that turns the weights NaN must stop the run at the
+    next save, with nothing written (the loss check alone would have saved it as good)."""
+    real_step = torch.optim.AdamW.step
+
+    def poisoned_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    out = tmp_path / "run"
+    assert train.main(["--max-steps", "1", "--output", str(out), *FAST]) == 3
+    err = capsys.readouterr().err
+    assert "NaN/inf" in err and "model." in err and "without saving" in err
+    assert ckpt.list_checkpoints(out) == []
+
+
+def test_nonfinite_tensors_names_them():
+    state = {"model": {"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")]), "i": torch.arange(3)},
+             "optimizer": {0: {"exp_avg": torch.tensor([float("nan")])}}}
+    assert ckpt.nonfinite_tensors(state) == ["model.b", "optimizer.0.exp_avg"]
+    assert ckpt.nonfinite_tensors({"model": {"a": torch.ones(2)}}) == []
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = tmp_path / ".checkpoint_00000004.pt.999999999.tmp"  # no such pid
+    alive = tmp_path / f".checkpoint_00000006.pt.{os.getpid()}.tmp"  # a save in progress
+    foreign = tmp_path / ".notes.txt.999999999.tmp"  # not ours
+    for p in (dead, alive, foreign):
+        p.write_bytes(b"x" * 10)
+    assert ckpt.clean_stale_temps(tmp_path) == [dead]
+    assert not dead.exists() and alive.exists() and foreign.exists()
+
+
+def test_a_run_cleans_the_temp_files_a_killed_save_left(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    leftover = out / ".checkpoint_00000002.pt.999999999.tmp"
+    leftover.write_bytes(b"partial")
+    assert train.main(["--max-steps", "2", "--output", str(out), "--resume", *FAST]) == 0
+    assert not leftover.exists()
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
+
+
+def test_failed_save_removes_its_temp_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.atomic_save({"step": 1}, tmp_path / "checkpoint_00000001.pt")
+
+    def disk_full(obj, f):
+        f.write(b"some bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ckpt.atomic_save({"step": 2}, tmp_path / "checkpoint_00000002.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_00000001.pt"]
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(tmp_path / "checkpoint_00000001.pt") == {"step": 1}
+
+
+def test_resume_steps_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    assert train.main(["--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "0", "--output", str(out),
+                       *FAST]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 4]
+    newest = out / "checkpoint_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    assert train.main(["--max-steps", "6", "--output", str(out), "--resume", *FAST]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert any("skipped checkpoint_00000004.pt" in r.getMessage() for r in caplog.records)
+    assert ckpt.load_checkpoint(out / "checkpoint_00000006.pt")["step"] == 6
