@@ -47,6 +47,7 @@ from .training import checkpoint as ckpt
 from .training.config import load_yaml
 from .training.cli import TrainingDiverged, run_cli
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from .training.threads import set_threads
 from .training.layer_decay import ScaledWarmupScheduler, layer_decay_param_groups
 from .training.metrics import MetricsLog
 from .training.sampler import ResumableSampler
@@ -78,6 +79,7 @@ class FinetuneArgs:
     device: str = "auto"
     seed: int = 0
     num_workers: int | None = None
+    threads: int | None = None
     data_backend: str = "auto"
     grad_checkpointing: bool = False
     attn_backend: str = "auto"
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of each process (default on CPU: the cores per rank minus the loader workers)")
     p.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
                    help="input pipeline: torch (timm transforms), dali (GPU decode + augmentation; CPU mode without "
                         "CUDA), auto (dali when installed and the device is CUDA, else torch)")
@@ -176,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneArgs:
 
 
 # Settings of the machine or of this invocation, never taken from a checkpoint on resume.
-_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "data_backend", "eval")
+_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "threads", "data_backend", "eval")
 
 
 @dataclass(frozen=True)
@@ -464,6 +468,8 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
     plan = make_plan(a, info)
     backend = check_data_backend(a.data_backend, info, img_size=plan.img_size)
     output = Path(a.output or os.path.join("runs", f"finetune_{a.preset}"))
+    set_threads(device=info.device, requested=a.threads, num_workers=plan.num_workers,
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), log_it=info.is_main)
     device = info.device
 
     # ---- resume point ------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .training import checkpoint as ckpt
 from .training.config import load_yaml
 from .training.cli import TrainingDiverged, run_cli
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from .training.threads import set_threads
 from .training.metrics import MetricsLog
 from .training.optim import WarmupScheduler, build_optimizer
 from .training.sampler import ResumableSampler
@@ -60,6 +61,7 @@ class TrainArgs:
     seed: int = 0
     grad_checkpointing: bool = False
     num_workers: int | None = None
+    threads: int | None = None
     data_backend: str = "auto"
     mask_strategy: str = "random"
     mask_patch_size: int | None = None
@@ -92,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
     p.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default {d.preset})")
     p.add_argument("--data", default=None, help="folder of images (searched recursively); default: embedded photographs")
-    p.add_argument("--output", default=None, help="run folder for checkpoints, logs, PNGs (default runs/<preset>)")
+    p.add_argument("--output", default=None,
+                   help="run folder for checkpoints, logs, PNGs (default: runs/<preset>, or runs/<preset>-2, -3, ... "
+                        "when that one already holds a run; with --resume, the newest of them)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the newest checkpoint in --output (or from the given checkpoint file)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's recipe)")
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true", default=None, help="activation checkpointing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of each process (default on CPU: the cores per rank minus the loader "
+                        "workers; an OMP_NUM_THREADS in the environment wins)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loader workers / DALI CPU threads (default: by device)")
     p.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Settings of this invocation or machine (where to stop, what hardware), not of the run: never
 # taken from a checkpoint on resume.
-_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "data_backend")
+_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "threads", "data_backend")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
@@ -149,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     if config:
         explicit = {**load_yaml(config, {f.name for f in fields(TrainArgs)}), **explicit}
     merged.update(explicit)
-    output = merged["output"] or os.path.join("runs", merged["preset"])
+    output = merged["output"] or default_run_dir(merged["preset"], resume=merged["resume"] is not None)
     saved = ckpt.resumed_settings(merged["resume"], output)
     return TrainArgs(**ckpt.merge_resumed(merged, explicit, saved, keep=_NOT_RESUMED))
 
@@ -227,6 +234,23 @@ def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
     )
 
 
+def default_run_dir(preset: str, *, resume: bool, root: str | os.PathLike = "runs") -> Path:
+    """The run folder when ``--output`` is not given: ``runs/<preset>``, or the first of ``runs/<preset>-2``,
+    ``-3``, ... without checkpoints when it already holds a run (so the README command can be run again);
+    with ``--resume``, the most recent of them that holds checkpoints."""
+    root = Path(root)
+    if resume:
+        candidates = [root / preset] + [p for p in root.glob(f"{preset}-*") if p.name[len(preset) + 1:].isdigit()]
+        used = [p for p in candidates if ckpt.list_checkpoints(p)]
+        return max(used, key=lambda p: ckpt.latest_checkpoint(p).stat().st_mtime) if used else root / preset
+    if not ckpt.list_checkpoints(root / preset):
+        return root / preset
+    n = 2
+    while ckpt.list_checkpoints(root / f"{preset}-{n}"):
+        n += 1
+    return root / f"{preset}-{n}"
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DDP) else model
 
@@ -260,8 +284,10 @@ def train(a: TrainArgs) -> dict:
 def _train(a: TrainArgs, info: DistInfo) -> dict:
     get_preset(a.preset)  # clear error for an unknown preset before anything else
     plan = make_plan(a, info)
-    output = Path(a.output or os.path.join("runs", a.preset))
+    output = Path(a.output) if a.output else default_run_dir(a.preset, resume=a.resume is not None)
     device = info.device
+    set_threads(device=device, requested=a.threads, num_workers=plan.num_workers,
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), log_it=info.is_main)
 
     # ---- resume point -------------------------------------------------------------------
     resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)

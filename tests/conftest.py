@@ -16,6 +16,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The CLIs set torch's thread count for their process (``--threads``); in-process test runs must not
+    leave it changed for the tests after them."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 # ``python -m simmim_fast.kernel_check collect --op-tests`` runs the op tests with this variable set:
 # every Triton launch of the session is then logged and written there at the end (distinct signatures).
 _LAUNCH_LOG_PATH = os.environ.get("SIMMIM_FAST_LAUNCH_LOG")

@@ -350,12 +350,7 @@ def test_ddp_two_process_gloo_matches_single_process(tmp_path):
     single = tmp_path / "single"
     # torchrun gives each rank one thread (OMP_NUM_THREADS=1): the single process must sum in the same order,
     # else AdamW's division by sqrt(v) amplifies last-bit gradient differences into visible weight changes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert finetune.main([*common, "--batch-size", "8", "--output", str(single)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert finetune.main([*common, "--batch-size", "8", "--threads", "1", "--output", str(single)]) == 0
     d, s = read_csv(ddp / "eval.csv")[-1], read_csv(single / "eval.csv")[-1]
     assert d["images"] == s["images"] == "17"  # every val image once: no padding, no duplicates
     assert float(d["loss"]) == pytest.approx(float(s["loss"]), rel=1e-4)

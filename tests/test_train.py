@@ -75,8 +75,10 @@ def test_existing_run_needs_resume_flag(tmp_path, cache_env, capsys):
 def test_sigkill_midway_resumes_with_identical_losses(tmp_path, cache_env):
     """An uninterrupted run and a run killed with SIGKILL then resumed log the same losses after the checkpoint."""
     steps = 30
+    # one torch thread on both sides: the automatic choice (cores minus loader workers) differs between
+    # 0 and 2 workers, and CPU sums depend on the thread count
     common = ["--max-steps", str(steps), "--save-every", "3", "--log-every", "1", "--keep-checkpoints", "0",
-              "--img-size", "96", "--batch-size", "2", "--seed", "7"]
+              "--img-size", "96", "--batch-size", "2", "--seed", "7", "--threads", "1"]
     ref = tmp_path / "ref"
     r = run_cli([*common, "--output", str(ref), "--num-workers", "0"], cache_env)
     assert r.returncode == 0, r.stderr
