@@ -458,7 +458,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                     if idx is not None:
                         head_tokens = idx.pin_memory().to(device, non_blocking=True)
                 images = images.to(device, non_blocking=True)
-                masks = masks.to(device, non_blocking=True)
+                masks = masks.to(device, torch.bool, non_blocking=True)  # bool: no value check in the model
                 skipped_total += skipped
                 if vis_batch is None:
                     vis_batch = (images[: a.vis_images].clone(), masks[: a.vis_images].clone())

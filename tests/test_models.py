@@ -638,3 +638,19 @@ def test_precomputed_head_tokens_match_the_models_own_choice():
         assert (a is None and b is None) or torch.equal(a, b)
     with pytest.raises(ValueError, match="head_tokens"):
         model(x, mask, head_tokens=idx.to(torch.int32))
+
+
+@pytest.mark.parametrize("arch", ["swin", "vit"])
+def test_mask_values_other_than_0_1_are_refused(arch):
+    """``model(x, mask * 2)`` used to give another loss silently; bool and 0/1 int/float masks are accepted."""
+    torch.manual_seed(0)
+    model = small_model(arch)
+    images = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 2, 2, dtype=torch.int64)
+    mask[:, 0, 0] = 1
+    ref = model(images, mask)
+    torch.testing.assert_close(model(images, mask.bool()), ref)
+    torch.testing.assert_close(model(images, mask.float()), ref)
+    for bad in (mask * 2, mask.float() * 0.5, mask - 1):
+        with pytest.raises(ValueError, match="^mask: expected 0/1"):
+            model(images, bad)

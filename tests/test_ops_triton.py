@@ -414,3 +414,34 @@ def test_auto_picks_reference_on_cpu_even_in_interpreter_mode(monkeypatch):
     assert calls == []
     assert _common.resolve_backend("x", "auto", [], tokens) == "reference"
     assert _common.resolve_backend("x", "triton", [], tokens) == "triton"
+
+
+def test_loss_nan_contract_unmasked_pixels_never_count_in_either_backend():
+    """One NaN contract: a NaN at an unmasked pixel (prediction or image) changes neither the loss nor the
+    gradient, in the reference as in the fused kernel (which never reads unmasked tokens); a NaN at a
+    masked pixel makes both NaN."""
+    B, h, w, s, C = 2, 3, 2, 4, 3
+    pred = _randn((B, h, w, C * s * s), 81)
+    images = _randn((B, C, h * s, w * s), 82)
+    mask = torch.zeros(B, h, w, dtype=torch.bool, device=DEV)
+    mask[0, 0, 0] = mask[1, 2, 1] = True
+    pred[0, 1, 1, 5] = float("nan")  # token (0, 1, 1) is unmasked
+    images[1, 0, 0, 0] = float("nan")  # pixel of unmasked token (1, 0, 0)
+    for backend in ("reference", "triton"):
+        p = pred.clone().requires_grad_(True)
+        loss = ops.masked_l1_loss(p, images, mask, backend=backend)
+        (g,) = torch.autograd.grad(loss, p)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), backend
+        assert (g[0, 1, 1] == 0).all()
+    bad = pred.clone()
+    bad[0, 0, 0, 0] = float("nan")  # a masked pixel
+    for backend in ("reference", "triton"):
+        assert torch.isnan(ops.masked_l1_loss(bad, images, mask, backend=backend)), backend
+
+
+def test_loss_batch_mismatch_names_the_odd_argument():
+    pred = _randn((2, 3, 2, 48), 83)
+    with pytest.raises(ValueError, match=r"^images: batch 3"):
+        ops.masked_l1_loss(pred, _randn((3, 3, 12, 8), 84), torch.zeros(2, 3, 2, dtype=torch.bool, device=DEV))
+    with pytest.raises(ValueError, match=r"^mask: batch 1"):
+        ops.masked_l1_loss(pred, _randn((2, 3, 12, 8), 84), torch.zeros(1, 3, 2, dtype=torch.bool, device=DEV))

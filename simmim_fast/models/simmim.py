@@ -72,6 +72,10 @@ class SimMIM(nn.Module):
         if not isinstance(mask, torch.Tensor) or mask.dim() != 3 or mask.shape[0] != images.shape[0]:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"mask: expected (B, h, w) with B={images.shape[0]}, got {shape}")
+        if mask.dtype != torch.bool and not torch.compiler.is_compiling():
+            # 0/1 only (a bool mask needs no check; others cost one device sync on CUDA)
+            if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("mask: expected 0/1 values (1 = masked) or a bool tensor, got other values")
         gh, gw = self.encoder.grid_size
         if gh % mask.shape[1] or gw % mask.shape[2]:
             raise ValueError(

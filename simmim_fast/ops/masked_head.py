@@ -153,7 +153,9 @@ def masked_rows_loss_reference(pred_rows, token_index, images, mask, *, eps=1e-5
     m_tok = F.pixel_unshuffle(m_pix.unsqueeze(1), s).permute(0, 2, 3, 1).reshape(-1, 1, s * s)
     x_rows = x_tok.index_select(0, token_index)
     m_rows = m_tok.index_select(0, token_index)
-    per = per_element_loss(pred_rows.float().view(N, C, s * s), x_rows, loss, beta) * m_rows
+    keep = m_rows != 0  # unmasked pixels never enter, whatever their value (as masked_l1_loss_reference)
+    rows = torch.where(keep, pred_rows.float().view(N, C, s * s), 0.0)
+    per = per_element_loss(rows, torch.where(keep, x_rows, 0.0), loss, beta) * m_rows
     return per.sum() / (m_pix.sum() + eps) / C
 
 

@@ -10,7 +10,9 @@ The official SimMIM loss (``models/simmim.py``)::
 
     (|pixel_shuffle(pred) - images| * m).sum() / (m.sum() + eps) / C
 
-with ``m`` the pixel mask broadcast over channels but counted once per pixel in ``m.sum()``.
+with ``m`` the pixel mask broadcast over channels but counted once per pixel in ``m.sum()``. Values at
+unmasked pixels never enter the loss, a NaN there included (both backends; the official expression
+would propagate it).
 ``loss`` selects the per-element regression loss of the paper's ablation (``"l1"``, ``"l2"``,
 ``"smooth_l1"`` with ``beta``); ``region="all"`` is the reconstruct-all variant (``m`` = 1).
 
@@ -275,6 +277,13 @@ def check_images_and_mask(images, mask, *, grid: bool = True) -> tuple[int, int,
 
 def _check_inputs(pred, images, mask, eps, loss, region, beta) -> int:
     check_float("pred", pred)
+    if isinstance(images, torch.Tensor) and isinstance(mask, torch.Tensor) and images.dim() == 4 and mask.dim() == 3:
+        sizes = {"pred": pred.shape[0], "images": images.shape[0], "mask": mask.shape[0]}
+        if len(set(sizes.values())) > 1:  # name the one that disagrees with the other two
+            odd = [k for k, v in sizes.items() if list(sizes.values()).count(v) == 1]
+            name = odd[0] if len(odd) == 1 else "images"
+            raise ValueError(f"{name}: batch {sizes[name]} differs from the others' "
+                             f"({', '.join(f'{k} {v}' for k, v in sizes.items() if k != name)})")
     B, C, H, W = check_images_and_mask(images, mask, grid=False)
     s = head_stride(pred, C)
     if pred.shape[0] != B or (pred.shape[1] * s, pred.shape[2] * s) != (H, W):
@@ -322,10 +331,16 @@ def masked_l1_loss_reference(
     s = _check_inputs(pred, images, mask, eps, loss, region, beta)
     C, H, W = images.shape[1:]
     x_rec = F.pixel_shuffle(pred.permute(0, 3, 1, 2), s).float()
-    per_elem = per_element_loss(x_rec, images.float(), loss, beta)
+    x = images.float()
     if region == "all":
+        per_elem = per_element_loss(x_rec, x, loss, beta)
         return per_elem.sum() / (per_elem[:, :1].numel() + eps) / C
     m = upsample_mask(mask, (H, W)).to(torch.float32).unsqueeze(1)
+    # unmasked pixels never enter the loss or its gradient, whatever their value (a NaN there stays out, as
+    # in the fused kernel, which does not read them); for finite inputs this is the official expression
+    keep = m != 0
+    x_rec, x = torch.where(keep, x_rec, 0.0), torch.where(keep, x, 0.0)
+    per_elem = per_element_loss(x_rec, x, loss, beta)
     return (per_elem * m).sum() / (m.sum() + eps) / C
 
 
