@@ -726,7 +726,11 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
         "last": last_eval, "img_per_s": (sum(rates[1:]) / len(rates[1:])) if len(rates) > 1 else (rates[0] if rates else float("nan")),
         "resumed_from": str(resume_path) if resume_path else None, "output": str(output), "classes": classes,
     }
-    if info.is_main:
+    if info.is_main and not last_eval:  # resumed a finished run: no step, no evaluation
+        print(f"already complete: step {step}/{total_steps}, nothing to do (raise --max-steps or --epochs to "
+              f"continue; --eval evaluates), best top-1 {best['acc1']:.2f}% at step {best['step']}, "
+              f"best checkpoint {summary['best']}", flush=True)
+    elif info.is_main:
         print(f"done: step {step}/{total_steps}, top-1 {last_eval.get('acc1', float('nan')):.2f}% "
               f"(best {best['acc1']:.2f}% at step {best['step']}), best checkpoint {summary['best']}", flush=True)
     return summary

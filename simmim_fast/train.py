@@ -514,7 +514,10 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
         "skipped_images": skipped_total,
         "output": str(output),
     }
-    if info.is_main:
+    if info.is_main and summary["steps_this_run"] == 0:
+        print(f"already complete: step {step}/{total_steps}, nothing to do (raise --max-steps or --epochs to "
+              f"continue), checkpoint {summary['checkpoint']}", flush=True)
+    elif info.is_main:
         print(
             f"done: step {step}/{total_steps}, {summary['steps_this_run']} steps this run, "
             f"{summary['img_per_s']:.1f} img/s, checkpoint {summary['checkpoint']}",

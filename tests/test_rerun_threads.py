@@ -81,3 +81,12 @@ def test_set_threads_respects_omp_and_cuda(monkeypatch, keep_threads):
 def test_threads_flag_bad_value_exits_2(tmp_path, capsys, keep_threads):
     assert train.main(["--max-steps", "1", "--threads", "0", "--output", str(tmp_path / "r"), *FAST]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_already_complete(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--max-steps", "2", "--output", str(out), *FAST]) == 0
+    capsys.readouterr()
+    assert train.main(["--max-steps", "2", "--output", str(out), "--resume", *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "already complete: step 2/" in printed and "nan" not in printed
