@@ -675,3 +675,17 @@ def test_gpu_auto_picks_xformers_when_it_dispatches(caplog):
     else:
         assert "backend 'xformers' runs" in line and "cutlass" in line, line
     assert ours.relative_position_bias_table.grad is not None
+
+
+def test_bias_table_gradient_is_contiguous_for_ddp_buckets():
+    """DDP warned "Grad strides do not match bucket view strides" for the (T, nH) tables: their gradient
+    came out transposed, forcing a copy into the bucket every step. It must have the parameter's strides."""
+    from timm.models.swin_transformer import WindowAttention as TimmWA
+
+    from simmim_fast.models.window_attention import WindowAttention
+
+    for heads in (1, 4):
+        attn = WindowAttention.from_timm(TimmWA(32, num_heads=heads, window_size=(6, 6)), backend="math")
+        attn(torch.randn(2, 36, 32)).sum().backward()
+        table = attn.relative_position_bias_table
+        assert table.grad.stride() == table.stride() == (heads, 1)

@@ -429,7 +429,9 @@ class WindowAttention(TimmWindowAttention):
         Np = _round_up(N, BIAS_ALIGNMENT)
         index = F.pad(self.relative_position_index, (0, Np - N))  # (N, Np); padding reads entry 0, unused
         table = self.relative_position_bias_table  # (T, nH)
-        bias = table.t().index_select(1, index.reshape(-1)).view(nH, N, Np)
+        # gather rows, then permute: the table's gradient (index_add into (T, nH)) comes out contiguous, as
+        # DDP's gradient buckets expect (a gather on ``table.t()`` gave it transposed strides: a copy per step)
+        bias = table.index_select(0, index.reshape(-1)).view(N, Np, nH).permute(2, 0, 1).contiguous()
         if mask is not None:
             m = F.pad(mask.to(bias.dtype), (0, Np - N))  # (nW, N, Np)
             bias = bias.unsqueeze(0) + m.unsqueeze(1)  # (nW, nH, N, Np), window-major like the fold
