@@ -19,8 +19,8 @@ than its estimate):
                   forward and forward+backward, peak memory
     e2e_compiled  ``torch.compile`` of ours and of the official-equivalent model (runs only on time left
                   after keeping ``--tests-reserve`` seconds for the tests)
-    tests         the CUDA test suite (``pytest tests -x -k "not sigkill and not ddp"``) with the
-                  remaining time as timeout
+    tests         the CUDA test suite (``pytest tests --maxfail=25 -k "not sigkill and not ddp"``, without
+                  the CPU-only kernel-compile and dry-run tests) with the remaining time as timeout
 
 Every section is written to ``<out>/evidence.json`` (atomically: temp file + ``os.replace``) and
 ``<out>/summary.md`` as soon as it finishes, so a run killed at its time limit keeps what finished;
@@ -1346,8 +1346,11 @@ PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed
 
 def pytest_command() -> list[str]:
     """The CUDA test run; ``-n auto`` when pytest-xdist is importable."""
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "not sigkill and not ddp"]
+    # not -x: a first GPU run should show every failure (bounded by --maxfail and the timeout); the AOT
+    # compile check and the dry run of this script are CPU checks that CI runs, not GPU evidence
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "--maxfail=25", "-p", "no:cacheprovider",
+           "-k", "not sigkill and not ddp", "--ignore=tests/test_kernel_check.py",
+           "--ignore=tests/test_gpu_evidence.py"]
     try:
         import xdist  # noqa: F401
 
