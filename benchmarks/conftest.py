@@ -40,3 +40,37 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "timm": _version("timm"),
         "commit": _commit(),
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# --quick: one representative case per suite, for a first look in a few minutes on a CPU
+
+#: Substrings of node ids that ``--quick`` keeps (every other case is deselected).
+QUICK_CASES = (
+    "test_train_step.py::test_train_step[swin_tiny_cpu]",
+    "test_train_step.py::test_train_step[swin_base_192]",
+    "test_ops.py::test_copy_bandwidth",
+    "-fp32-triton-swin_b]",  # every op, fwd and fwd+bwd, Triton (GPU or interpreter) and reference
+    "-fp32-reference-swin_b]",
+    "test_stage_attention[stage1-shift-",  # then bf16 only, below
+    "test_loader.py::test_loader_throughput",
+)
+
+
+def _quick(nodeid: str) -> bool:
+    if "test_stage_attention[" in nodeid and "-bf16-" not in nodeid:
+        return False
+    return any(q in nodeid for q in QUICK_CASES)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", default=False,
+                     help="one representative case per benchmark suite (a few minutes on 2 CPU cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--quick"):
+        return
+    keep = [item for item in items if _quick(item.nodeid)]
+    config.hook.pytest_deselected(items=[item for item in items if not _quick(item.nodeid)])
+    items[:] = keep
