@@ -110,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m simmim_fast.finetune",
         description="Fine-tune a SimMIM-pretrained encoder for image classification (official recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = FinetuneArgs()
     p.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")

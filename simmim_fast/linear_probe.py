@@ -73,8 +73,7 @@ class ProbeArgs:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m simmim_fast.linear_probe",
-                                description="Linear evaluation of a frozen SimMIM encoder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description="Linear evaluation of a frozen SimMIM encoder.")
     d = ProbeArgs()
     p.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
     p.add_argument("--pretrained", default=None, help="pretraining run folder / checkpoint (ours or official)")

@@ -88,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m simmim_fast.train",
         description="SimMIM pretraining. No arguments: the small preset on the embedded photographs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = TrainArgs()
     p.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
