@@ -4,8 +4,9 @@ One row per image, four columns::
 
     original | masked input | prediction | prediction pasted into the masked pixels
 
-The masked input shows masked pixels as mid-grey (0.5); the last column keeps the
-visible pixels of the original and takes only the masked pixels from the prediction.
+The masked input shows masked pixels as a blue diagonal hatch (:func:`mask_fill`); the last column
+keeps the visible pixels of the original and takes only the masked pixels from the prediction.
+Saved PNGs carry the column labels above the grid and a legend below it (:func:`annotate`).
 Tiles are separated by ``PAD`` (2) pixels of white; there is no outer border, so a grid
 of ``n`` rows of ``H x W`` images is ``(4 * W + 3 * PAD)`` wide and ``(n * H + (n - 1) * PAD)``
 high.
@@ -27,6 +28,10 @@ __all__ = [
     "IMAGENET_STD",
     "PAD",
     "MASK_GREY",
+    "HATCH_COLOURS",
+    "HEADER",
+    "mask_fill",
+    "annotate",
     "reconstruction_grid",
     "save_reconstruction_grid",
 ]
@@ -35,8 +40,23 @@ IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # (0.4
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # (0.229, 0.224, 0.225)
 
 PAD = 2  # white pixels between tiles
-MASK_GREY = 0.5  # display value of masked pixels in the "masked input" column
+MASK_GREY = 0.5  # (kept for callers) the former flat fill of masked pixels
+#: Masked pixels in the "masked input" column: a diagonal hatch of two blues (period 6 px), a pattern
+#: that no prediction looks like (a flat grey fill could not be told from a grey texture's prediction).
+HATCH_COLOURS = ((64, 112, 230), (200, 215, 255))
 N_COLUMNS = 4
+LABELS = ("original", "masked input", "prediction", "pred. pasted")
+LEGEND = "blue hatch = masked cells; last column: visible original + predicted masked cells"
+HEADER = 14  # px of the label strip above the grid in saved PNGs (and of the legend strip below)
+
+
+def mask_fill(H: int, W: int) -> torch.Tensor:
+    """``(3, H, W)`` float display values of the masked-pixel hatch (see :data:`HATCH_COLOURS`)."""
+    y = torch.arange(H).view(H, 1)
+    x = torch.arange(W).view(1, W)
+    stripe = ((y + x) // 3) % 2  # (H, W) 0/1
+    a, b = (torch.tensor(c, dtype=torch.float32).view(3, 1, 1) / 255.0 for c in HATCH_COLOURS)
+    return torch.where(stripe.bool().unsqueeze(0), b, a)
 
 
 def _as_cpu_float(x, name: str) -> torch.Tensor:
@@ -128,7 +148,7 @@ def reconstruction_grid(
 
     orig = images_t * std_t + mean_t
     rec = pred_t * std_t + mean_t
-    masked_in = torch.where(m, torch.full_like(orig, MASK_GREY), orig)
+    masked_in = torch.where(m, mask_fill(H, W).unsqueeze(0).expand_as(orig), orig)
     pasted = torch.where(m, rec, orig)
 
     # (n, 4, H, W, 3) uint8 tiles
@@ -145,14 +165,41 @@ def reconstruction_grid(
     return Image.fromarray(canvas)  # (H, W, 3) uint8 -> RGB
 
 
-def save_reconstruction_grid(path, images, mask, pred, **kw) -> pathlib.Path:
+def _fit(draw, text: str, width: int, font) -> str:
+    """``text`` shortened (with ".") until it fits ``width`` pixels."""
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "." if len(text) > 2 else ""
+    return text
+
+
+def annotate(grid: Image.Image, tile_width: int) -> Image.Image:
+    """The grid with the column labels above it and the legend below (white strips of :data:`HEADER` px)."""
+    from PIL import ImageDraw, ImageFont
+
+    w, h = grid.size
+    out = Image.new("RGB", (w, h + 2 * HEADER), (255, 255, 255))
+    out.paste(grid, (0, HEADER))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for c, label in enumerate(LABELS):
+        text = _fit(draw, label, tile_width - 2, font)
+        x0 = c * (tile_width + PAD)
+        draw.text((x0 + (tile_width - draw.textlength(text, font=font)) / 2, 1), text, fill=(0, 0, 0), font=font)
+    draw.text((2, h + HEADER + 1), _fit(draw, LEGEND, w - 4, font), fill=(60, 60, 60), font=font)
+    return out
+
+
+def save_reconstruction_grid(path, images, mask, pred, *, labels: bool = True, **kw) -> pathlib.Path:
     """Render :func:`reconstruction_grid` and write it as PNG atomically.
 
-    The image is written to a temporary file in the destination directory and moved into
-    place with ``os.replace``; parent directories are created. Returns the path written.
+    ``labels``: add the column labels above and the legend below (:func:`annotate`; the image is then
+    ``2 * HEADER`` px taller). The image is written to a temporary file in the destination directory
+    and moved into place with ``os.replace``; parent directories are created. Returns the path written.
     """
     path = pathlib.Path(path)
     img = reconstruction_grid(images, mask, pred, **kw)
+    if labels:
+        img = annotate(img, int(_as_cpu_float(images, "images").shape[-1]))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

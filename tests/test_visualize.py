@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from simmim_fast import train
-from simmim_fast.viz import PAD
+from simmim_fast.viz import HEADER, PAD, mask_fill
 from simmim_fast.visualize import build_eval_transform, main, reconstruct, reconstruct_with_stats
 
 IMG = 96
@@ -52,8 +52,8 @@ def image_dir(tmp_path):
     return d
 
 
-def _grid_size(n: int) -> tuple[int, int]:  # (width, height) of viz.reconstruction_grid
-    return 4 * IMG + 3 * PAD, n * IMG + (n - 1) * PAD
+def _grid_size(n: int) -> tuple[int, int]:  # (width, height) of a saved, labelled grid PNG
+    return 4 * IMG + 3 * PAD, n * IMG + (n - 1) * PAD + 2 * HEADER
 
 
 def test_eval_transform_is_deterministic_and_centre_crops():
@@ -89,10 +89,11 @@ def test_reconstruct_function_seed_and_overrides(run_dir, image_dir, tmp_path):
                                mask_patch_size=16, mask_ratio=0.5, mask_strategy="square", device="cpu")
     assert [p.name for p in r.images] == ["a.jpg", "b.jpg"]  # sorted order, first two
     assert np.isfinite(r.loss) and r.loss > 0 and r.loss_name == "l1 on masked pixels"
-    # the square strategy masks the centre; the masked-input column shows it grey for both rows
+    # the square strategy masks the centre; the masked-input column shows it hatched
     arr = np.asarray(Image.open(r.output)).astype(int)
-    centre = arr[IMG // 2, IMG + PAD + IMG // 2]
-    assert np.abs(centre - 128).max() <= 1
+    centre = arr[HEADER + IMG // 2, IMG + PAD + IMG // 2]
+    hatch = (mask_fill(IMG, IMG)[:, IMG // 2, IMG // 2] * 255).round().int().tolist()
+    assert np.abs(centre - np.array(hatch)).max() <= 1
 
 
 def test_run_dir_picks_newest_checkpoint(run_dir, image_dir, tmp_path, capsys):

@@ -68,6 +68,33 @@ def test_grid_size_exact(B, max_images, rows):
     assert img.size == (4 * W + 3 * PAD, rows * H + (rows - 1) * PAD)
 
 
+def _hatch(H, W):
+    """(H, W, 3) uint8 of the masked-pixel hatch: two blues, no grey a prediction could be confused with."""
+    from simmim_fast.viz import HATCH_COLOURS, mask_fill
+
+    h = (mask_fill(H, W).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    colours = {tuple(c) for c in h.reshape(-1, 3).tolist()}
+    assert colours == set(HATCH_COLOURS)
+    return h
+
+
+def test_saved_png_has_labels_and_legend(tmp_path):
+    from simmim_fast.viz import HEADER
+
+    H, W = 32, 48
+    images, mask, pred = _batch(B=2, H=H, W=W)
+    path = save_reconstruction_grid(tmp_path / "r.png", images, mask, pred)
+    arr = np.asarray(Image.open(path))
+    grid = np.asarray(reconstruction_grid(images, mask, pred))
+    assert arr.shape == (grid.shape[0] + 2 * HEADER, grid.shape[1], 3)
+    assert (arr[HEADER:-HEADER] == grid).all()
+    for c in range(4):  # dark label text above each column, legend text below
+        assert (arr[:HEADER, c * (W + PAD): c * (W + PAD) + W] < 100).any()
+    assert (arr[-HEADER:] < 150).any()
+    plain = np.asarray(Image.open(save_reconstruction_grid(tmp_path / "p.png", images, mask, pred, labels=False)))
+    assert (plain == grid).all()
+
+
 def test_grid_pixels():
     H, W = 32, 48
     images, mask, pred = _batch(B=3, H=H, W=W)
@@ -80,8 +107,8 @@ def test_grid_pixels():
         # column 1 is the denormalised original, column 3 the full prediction
         assert np.abs(c1.astype(int) - orig).max() <= 1
         assert np.abs(c3.astype(int) - rec).max() <= 1
-        # column 2: masked pixels grey, visible pixels = original
-        assert (c2[m] == 128).all()
+        # column 2: masked pixels hatched, visible pixels = original
+        assert (c2[m] == _hatch(H, W)[m]).all()
         assert (c2[~m] == c1[~m]).all()
         # column 4: visible from the original, masked from the prediction
         assert (c4[~m] == c1[~m]).all()
@@ -100,7 +127,7 @@ def test_coarse_mask_192px_bool_mask_and_half_dtype():
     assert img.size == (4 * W + 3 * PAD, 2 * H + PAD)
     arr = np.asarray(img)
     c2 = _tile(arr, 1, 1, H, W)
-    assert (c2[:96] == 128).all()
+    assert (c2[:96] == _hatch(H, W)[:96]).all()
     assert (c2[96:] == _tile(arr, 1, 0, H, W)[96:]).all()
     assert (_tile(arr, 1, 3, H, W)[:96] == _tile(arr, 1, 2, H, W)[:96]).all()
 
@@ -114,7 +141,7 @@ def test_pixel_level_float_mask_and_clamping():
     arr = np.asarray(reconstruction_grid(images, mask, pred))
     c3 = _tile(arr, 0, 2, H, W)
     assert (c3[1:] == 255).all()
-    assert (_tile(arr, 0, 1, H, W) == 128).all()
+    assert (_tile(arr, 0, 1, H, W) == _hatch(H, W)).all()
 
 
 @pytest.mark.parametrize(
@@ -140,7 +167,7 @@ def test_shape_errors_name_argument(which, shape):
 def test_save_png_atomic(tmp_path):
     images, mask, pred = _batch(B=2)
     target = tmp_path / "sub" / "dir" / "grid.png"
-    out = save_reconstruction_grid(target, images, mask, pred, max_images=1)
+    out = save_reconstruction_grid(target, images, mask, pred, max_images=1, labels=False)
     assert out == target and target.exists()
     assert os.listdir(target.parent) == ["grid.png"]  # no temp file left behind
     with Image.open(target) as im:
