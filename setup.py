@@ -81,6 +81,7 @@ setup(
         # `pytest benchmarks/ --benchmark-only` is one of the three ways in: it works after the main install
         "pytest",
         "pytest-benchmark",
+        "matplotlib",  # loss.png
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

@@ -33,6 +33,7 @@ from .training.cli import TrainingDiverged, run_cli
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from .training.threads import set_threads
 from .training.metrics import MetricsLog
+from .training.plot import write_loss_plot
 from .training.optim import WarmupScheduler, build_optimizer
 from .training.sampler import ResumableSampler
 from .training.stepper import Stepper
@@ -436,6 +437,16 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
         last_saved, last_ckpt = step, path or ckpt.checkpoint_path(output, step)
         return last_ckpt
 
+    t_plot = time.perf_counter()
+
+    def plot_losses() -> None:
+        if metrics is None:
+            return
+        try:
+            write_loss_plot(metrics.path, output / "loss.png", title=f"{a.preset}: {output}")
+        except Exception as e:  # a plot must never stop training
+            log.warning("loss.png not written: %s", e)
+
     def save_pictures() -> None:
         if not info.is_main or vis_batch is None:
             return
@@ -486,6 +497,9 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                     }
                     if metrics is not None:
                         metrics.write(row)
+                        if now - t_plot >= 60.0:  # loss.png at log steps, at most once a minute
+                            plot_losses()
+                            t_plot = now
                     pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}", lr=f"{row['lr']:.2e}")
                     if skipped_total and info.is_main:
                         log.info("skipped %d unreadable image files so far", skipped_total)
@@ -499,6 +513,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
         if last_saved != step:
             save_now()
         save_pictures()
+        plot_losses()
     finally:
         pbar.close()
         if metrics is not None:

@@ -90,3 +90,21 @@ def test_resuming_a_finished_run_says_already_complete(tmp_path, capsys):
     assert train.main(["--max-steps", "2", "--output", str(out), "--resume", *FAST]) == 0
     printed = capsys.readouterr().out
     assert "already complete: step 2/" in printed and "nan" not in printed
+
+
+def test_loss_plot_and_cumulative_elapsed_across_a_resume(tmp_path):
+    import csv
+
+    from PIL import Image
+
+    out = tmp_path / "run"
+    assert train.main(["--max-steps", "4", "--log-every", "2", "--output", str(out), *FAST]) == 0
+    assert train.main(["--max-steps", "6", "--log-every", "2", "--output", str(out), "--resume", *FAST]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert [r["run"] for r in rows] == ["1", "1", "2"]
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[2] > elapsed[1]  # the clock carries on after the resume
+    with Image.open(out / "loss.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200

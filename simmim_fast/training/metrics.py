@@ -1,4 +1,5 @@
-"""Training logs: a CSV file (resumable: rows past the resumed step are dropped) and TensorBoard if installed."""
+"""Training logs: a CSV file (resumable: rows past the resumed step are dropped; ``elapsed_s`` cumulative
+across resumes, ``run`` counts the invocations), ``loss.png`` (``plot.py``) and TensorBoard if installed."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +9,7 @@ from pathlib import Path
 
 log = logging.getLogger("simmim_fast.train")
 
-FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "skipped_images", "elapsed_s")
+FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "skipped_images", "elapsed_s", "run")
 
 
 class MetricsLog:
@@ -21,7 +22,11 @@ class MetricsLog:
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({k: r.get(k) or ("1" if k == "run" else "") for k in FIELDS} for r in rows)
+        #: ``elapsed_s`` carries on across resumes: this run's clock starts at the kept rows' last value
+        self.elapsed_offset = float(rows[-1].get("elapsed_s") or 0.0) if rows else 0.0
+        #: which invocation of the run this is (1, then +1 per resume): the loss plot marks the changes
+        self.run = int(rows[-1].get("run") or 1) + 1 if rows else 1
         self.tb = None
         if tensorboard:
             try:
@@ -32,6 +37,9 @@ class MetricsLog:
                 log.debug("tensorboard not installed; logging to CSV only")
 
     def write(self, row: dict) -> None:
+        row = dict(row, run=self.run)
+        if isinstance(row.get("elapsed_s"), (int, float)):
+            row["elapsed_s"] = round(row["elapsed_s"] + self.elapsed_offset, 3)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=FIELDS).writerow({k: row.get(k, "") for k in FIELDS})
         if self.tb is not None:
