@@ -45,7 +45,7 @@ from .models.classifier import (
 from .models.interchange import FINETUNE_FORMAT, read_checkpoint
 from .training import checkpoint as ckpt
 from .training.config import load_yaml
-from .training.cli import TrainingDiverged, run_cli
+from .training.cli import TrainingDiverged, quiet_other_ranks, run_cli
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from .training.threads import set_threads
 from .training.layer_decay import ScaledWarmupScheduler, layer_decay_param_groups
@@ -80,6 +80,7 @@ class FinetuneArgs:
     seed: int = 0
     num_workers: int | None = None
     threads: int | None = None
+    log_all_ranks: bool = False
     data_backend: str = "auto"
     grad_checkpointing: bool = False
     attn_backend: str = "auto"
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--log-all-ranks", action="store_true", default=None,
+                   help="under torchrun, INFO log lines from every rank (default: rank 0 only)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of each process (default on CPU: the cores per rank minus the loader workers)")
     p.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
@@ -179,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneArgs:
 
 
 # Settings of the machine or of this invocation, never taken from a checkpoint on resume.
-_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "threads", "data_backend", "eval")
+_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "threads", "log_all_ranks", "data_backend", "eval")
 
 
 @dataclass(frozen=True)
@@ -417,6 +420,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def finetune(a: FinetuneArgs) -> dict:
     """Run fine-tuning (or evaluation with ``eval=True``); returns a summary dict."""
     info = init_distributed(a.device)
+    quiet_other_ranks(info.rank, a.log_all_ranks)
     try:
         return _run(a, info)
     finally:

@@ -29,7 +29,7 @@ from .models import DEFAULT_PRESET, PRESETS, create_model, get_preset
 from .ops.masked_l1_loss import LOSSES, REGIONS
 from .training import checkpoint as ckpt
 from .training.config import load_yaml
-from .training.cli import TrainingDiverged, run_cli
+from .training.cli import TrainingDiverged, quiet_other_ranks, run_cli
 from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from .training.threads import set_threads
 from .training.metrics import MetricsLog
@@ -63,6 +63,7 @@ class TrainArgs:
     grad_checkpointing: bool = False
     num_workers: int | None = None
     threads: int | None = None
+    log_all_ranks: bool = False
     data_backend: str = "auto"
     mask_strategy: str = "random"
     mask_patch_size: int | None = None
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true", default=None, help="activation checkpointing")
+    p.add_argument("--log-all-ranks", action="store_true", default=None,
+                   help="under torchrun, INFO log lines from every rank (default: rank 0 only)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of each process (default on CPU: the cores per rank minus the loader "
                         "workers; an OMP_NUM_THREADS in the environment wins)")
@@ -144,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Settings of this invocation or machine (where to stop, what hardware), not of the run: never
 # taken from a checkpoint on resume.
-_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "threads", "data_backend")
+_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "threads", "log_all_ranks", "data_backend")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
@@ -275,6 +278,7 @@ def _save(path: Path, *, model, optimizer, scheduler, scaler, step, epoch, args,
 def train(a: TrainArgs) -> dict:
     """Run pretraining; returns a summary dict (steps, last checkpoint, img/s, resumed_from)."""
     info = init_distributed(a.device)
+    quiet_other_ranks(info.rank, a.log_all_ranks)
     try:
         return _train(a, info)
     finally:

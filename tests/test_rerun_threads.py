@@ -108,3 +108,22 @@ def test_loss_plot_and_cumulative_elapsed_across_a_resume(tmp_path):
     assert elapsed == sorted(elapsed) and elapsed[2] > elapsed[1]  # the clock carries on after the resume
     with Image.open(out / "loss.png") as im:
         assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+
+
+def test_info_logs_once_per_job_under_torchrun():
+    import logging
+
+    from simmim_fast.training.cli import quiet_other_ranks
+
+    root, pkg = logging.getLogger(), logging.getLogger("simmim_fast")
+    levels = root.level, pkg.level
+    try:
+        quiet_other_ranks(0, False)  # rank 0: unchanged
+        assert (root.level, pkg.level) == levels
+        quiet_other_ranks(1, True)  # --log-all-ranks: unchanged
+        assert (root.level, pkg.level) == levels
+        quiet_other_ranks(1, False)
+        assert not pkg.isEnabledFor(logging.INFO) and pkg.isEnabledFor(logging.WARNING)
+    finally:
+        root.setLevel(levels[0])
+        pkg.setLevel(levels[1])

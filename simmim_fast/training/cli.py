@@ -25,3 +25,11 @@ def run_cli(job: Callable[[], object]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def quiet_other_ranks(rank: int, log_all_ranks: bool) -> None:
+    """Under torchrun, INFO lines once per job: ranks other than 0 log warnings and errors only
+    (``--log-all-ranks`` keeps INFO everywhere)."""
+    if rank > 0 and not log_all_ranks:
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("simmim_fast").setLevel(logging.WARNING)
