@@ -399,7 +399,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
 
     model.train()
     stepper = Stepper(model, optimizer, scheduler, scaler, info=info, accum_steps=a.accum_steps, clip_grad=plan.clip_grad)
-    skipped_total = 0
+    skipped_total = skipped_logged = 0
     images_since = 0
     t_log = t_start = time.perf_counter()
     rates: list[float] = []
@@ -505,8 +505,10 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                             plot_losses()
                             t_plot = now
                     pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}", lr=f"{row['lr']:.2e}")
-                    if skipped_total and info.is_main:
-                        log.info("skipped %d unreadable image files so far", skipped_total)
+                    if skipped_total > skipped_logged and info.is_main:  # only when it grew
+                        log.info("skipped %d reads of unreadable image files so far (the first files are named "
+                                 "in the warnings above)", skipped_total)
+                        skipped_logged = skipped_total
                     images_since, t_log = 0, now
                 if step % a.save_every == 0 and step != last_step:
                     save_now()

@@ -257,3 +257,17 @@ def test_default_data_dir_writes_and_is_idempotent(tmp_path, monkeypatch):
     assert default_data_dir() == tmp_path / "envcache" / "default_images"
     ds = _dataset(out)
     assert len(ds) == len(files) and ds[(0, 0)][0].shape == (3, S, S)
+
+
+def test_unreadable_files_are_named_once_each(tree, caplog):
+    """The skip count alone never said which file; each unreadable file is named in one warning."""
+    import logging
+
+    ds = _dataset(tree)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # a second pass over the same files adds no warning
+            for i in range(len(ds)):
+                ds[(i, 1000 + i)]
+    named = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(named) == min(len(CORRUPT), ds.NAMED_SKIPS)
+    assert all(any(str(c) in m for m in named) for c in list(CORRUPT)[: ds.NAMED_SKIPS])

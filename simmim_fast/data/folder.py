@@ -141,6 +141,17 @@ class SimMIMImageDataset(Dataset):
             item_seed = int(item_seed)
         return index, item_seed
 
+    #: how many distinct unreadable files each process names in a warning (the rest are only counted)
+    NAMED_SKIPS = 5
+
+    def _name_skipped(self, path, exc: BaseException) -> None:
+        named = self.__dict__.setdefault("_named_skips", set())
+        if path in named or len(named) >= self.NAMED_SKIPS:
+            return
+        named.add(path)
+        more = " (further unreadable files are only counted)" if len(named) == self.NAMED_SKIPS else ""
+        logger.warning("skipping unreadable image %s: %s: %s%s", path, type(exc).__name__, str(exc)[:200], more)
+
     def _load_with_skip(self, index: int) -> tuple[Image.Image, int]:
         n = len(self.files)
         attempts = min(self.max_skip + 1, n)
@@ -150,9 +161,10 @@ class SimMIMImageDataset(Dataset):
             path = self.files[(index + skipped) % n]
             try:
                 return _load_rgb(path), skipped
-            except Exception as exc:  # any unreadable file is skipped; no per-file log (spam)
+            except Exception as exc:  # any unreadable file is skipped; named once, the first few only
                 tried.append(str(path))
                 last_error = exc
+                self._name_skipped(path, exc)
         shown = tried[-5:]
         raise RuntimeError(
             f"could not read any image after {len(tried)} tries starting at index {index} "
