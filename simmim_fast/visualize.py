@@ -1,6 +1,6 @@
 """Reconstruction pictures from a pretraining checkpoint: ``python -m simmim_fast.visualize``.
 
-    python -m simmim_fast.visualize --checkpoint runs/swin_tiny_cpu --images photos/ extra.jpg
+    python -m simmim_fast.visualize --checkpoint runs/swin_tiny_cpu [--images photos/ extra.jpg]
 
 loads the newest checkpoint of the run folder (or the given checkpoint file), rebuilds the model,
 takes the first ``--num-images`` images (files and folders, folders searched recursively; all
@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reconstruction grid (original | masked | prediction | pasted) of a SimMIM checkpoint.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its newest checkpoint)")
-    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--images", nargs="+", default=None,
+                   help="image files and/or folders, searched recursively (default: the embedded photographs, "
+                        "as probe and the trainer use)")
     p.add_argument("--output", default=None,
                    help="PNG to write (default: <checkpoint dir>/reconstruction_<checkpoint stem>.png)")
     p.add_argument("--num-images", type=int, default=8, help="use the first N readable images in sorted order (default 8)")
@@ -289,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        if a.images is None:
+            from .data.default_data import default_data_dir
+
+            a.images = [str(default_data_dir())]
         r = reconstruct_with_stats(
             a.checkpoint, a.images, output=a.output, num_images=a.num_images, seed=a.seed,
             mask_ratio=a.mask_ratio, mask_patch_size=a.mask_patch_size, mask_strategy=a.mask_strategy,

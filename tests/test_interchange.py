@@ -10,6 +10,7 @@ are all checked.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 
@@ -577,3 +578,17 @@ def test_finetuned_checkpoint_into_a_classifier_with_other_classes_keeps_the_enc
     # per-block tables cannot become the pretraining model's shared table: a clear error, not a silent init
     with pytest.raises(ValueError, match="rel_pos_bias.relative_position_bias_table"):
         interchange.load_simmim_weights(create_model("vit_tiny_cpu", img_size=64), {"encoder." + k: v for k, v in src.state_dict().items()})
+
+
+def test_safetensors_export_has_the_usual_permissions(tmp_path):
+    """The safetensors writer creates 0600 files; an export is meant to be shared (mode from the umask)."""
+    import stat
+
+    from simmim_fast.models.interchange import save_state_dict
+
+    old = os.umask(0o022)
+    try:
+        p = save_state_dict({"a": torch.ones(2)}, tmp_path / "x.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o644

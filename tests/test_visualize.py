@@ -162,3 +162,11 @@ def test_module_help():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
     assert "--checkpoint" in r.stdout and "--images" in r.stdout
+
+
+def test_images_default_to_the_embedded_photographs(run_dir, tmp_path, capsys):
+    """visualize used to require --images while probe and train default to the embedded photographs."""
+    out = tmp_path / "default.png"
+    assert main(["--checkpoint", str(run_dir), "--output", str(out), "--num-images", "2", "--device", "cpu"]) == 0
+    with Image.open(out) as im:
+        assert im.size == _grid_size(2)

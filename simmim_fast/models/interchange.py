@@ -533,6 +533,9 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         from safetensors.torch import save_file
 
         save_file(tensors, str(path), metadata={"simmim_fast": json.dumps(metadata or {})})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # the writer creates 0600; an export is meant to be shared
     else:
         torch.save(tensors, path)
     return path
