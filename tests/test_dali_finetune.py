@@ -245,3 +245,22 @@ def test_gpu_pipelines_match_the_contract(data, cache):
     for (a, la, _), (b, lb, _) in zip(ev, cpu):
         assert torch.equal(la.cpu(), lb)
         assert (a.cpu() - b).abs().mean() < 0.02  # nvJPEG vs CPU decoder, GPU vs CPU resize
+
+
+def test_dalis_own_auto_aug_deprecation_warnings_are_not_shown(tmp_path):
+    """DALI 2.4's RandAugment calls its deprecated fn.experimental aliases and forces those warnings past
+    the user's filters: they came with every fine-tuning run. Building the pipeline must not show them."""
+    import warnings
+
+    from simmim_fast.data.dali_classification import build_train_pipeline
+
+    files = []
+    for i in range(2):
+        p = tmp_path / f"{i}.jpg"
+        Image.fromarray(np.full((48, 48, 3), 60 * i, np.uint8)).save(p)
+        files.append(str(p))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = build_train_pipeline(files, [0, 1], batch_size=2, img_size=40, num_threads=1)
+        pipe.run()
+    assert not [w for w in caught if "fn.experimental" in str(w.message)], [str(w.message)[:100] for w in caught]
