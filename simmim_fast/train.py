@@ -390,7 +390,7 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
     metrics = MetricsLog(output, resume_step=step) if info.is_main else None
     if info.is_main:
         log.info(
-            "preset %s on %s x%d, %s | %d images from %s (%s) | batch %d x %d ranks x %d accum = %d | lr %.3g | "
+            "preset %s on %s x%d, %s | %d image files from %s (%s; unreadable ones are skipped and named) | batch %d x %d ranks x %d accum = %d | lr %.3g | "
             "%d steps/epoch, %d epochs, running steps %d..%d | output %s",
             a.preset, device, info.world_size, plan.precision, n_images, data_root, data_backend, plan.batch_size,
             info.world_size, a.accum_steps, plan.batch_size * info.world_size * a.accum_steps, plan.lr,
