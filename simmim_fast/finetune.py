@@ -19,6 +19,7 @@ pretraining CLI: YAML ``--config`` < flags; exit code 2 for bad input, 3 for a N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import os
@@ -422,7 +423,8 @@ def finetune(a: FinetuneArgs) -> dict:
     info = init_distributed(a.device)
     quiet_other_ranks(info.rank, a.log_all_ranks)
     try:
-        return _run(a, info)
+        with contextlib.ExitStack() as run_scope:  # holds the output folder's lock while the run lasts
+            return _run(a, info, run_scope)
     finally:
         cleanup(info)
 
@@ -462,7 +464,7 @@ def _eval_only(a: FinetuneArgs, info: DistInfo) -> dict:
     return {**res, "checkpoint": str(ck.path)}
 
 
-def _run(a: FinetuneArgs, info: DistInfo) -> dict:
+def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dict:
     preset = get_finetune_preset(a.preset)
     if a.data_backend not in DATA_BACKENDS:
         raise ValueError(f"--data-backend: expected one of {', '.join(DATA_BACKENDS)}, got {a.data_backend!r}")
@@ -476,6 +478,8 @@ def _run(a: FinetuneArgs, info: DistInfo) -> dict:
     device = info.device
 
     # ---- resume point ------------------------------------------------------------------------
+    if info.is_main:
+        run_scope.enter_context(ckpt.run_lock(output))
     resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)
     if state is not None:
         if state.get("format") != FINETUNE_FORMAT:

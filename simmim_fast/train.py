@@ -8,6 +8,7 @@ it wins over the preset's recipe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -246,10 +247,13 @@ def default_run_dir(preset: str, *, resume: bool, root: str | os.PathLike = "run
         candidates = [root / preset] + [p for p in root.glob(f"{preset}-*") if p.name[len(preset) + 1:].isdigit()]
         used = [p for p in candidates if ckpt.list_checkpoints(p)]
         return max(used, key=lambda p: ckpt.latest_checkpoint(p).stat().st_mtime) if used else root / preset
-    if not ckpt.list_checkpoints(root / preset):
+    def taken(p: Path) -> bool:  # holds a run, or a live run is starting in it
+        return bool(ckpt.list_checkpoints(p)) or ckpt.lock_owner(p) is not None
+
+    if not taken(root / preset):
         return root / preset
     n = 2
-    while ckpt.list_checkpoints(root / f"{preset}-{n}"):
+    while taken(root / f"{preset}-{n}"):
         n += 1
     return root / f"{preset}-{n}"
 
@@ -280,12 +284,13 @@ def train(a: TrainArgs) -> dict:
     info = init_distributed(a.device)
     quiet_other_ranks(info.rank, a.log_all_ranks)
     try:
-        return _train(a, info)
+        with contextlib.ExitStack() as run_scope:  # holds the output folder's lock while the run lasts
+            return _train(a, info, run_scope)
     finally:
         cleanup(info)
 
 
-def _train(a: TrainArgs, info: DistInfo) -> dict:
+def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dict:
     get_preset(a.preset)  # clear error for an unknown preset before anything else
     plan = make_plan(a, info)
     output = Path(a.output) if a.output else default_run_dir(a.preset, resume=a.resume is not None)
@@ -294,6 +299,8 @@ def _train(a: TrainArgs, info: DistInfo) -> dict:
                 local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), log_it=info.is_main)
 
     # ---- resume point -------------------------------------------------------------------
+    if info.is_main:
+        run_scope.enter_context(ckpt.run_lock(output))
     resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)
     if state is not None and state.get("args", {}).get("preset") != a.preset:
         raise ValueError(f"--resume: {resume_path} was trained with preset {state['args'].get('preset')!r}, not {a.preset!r}")

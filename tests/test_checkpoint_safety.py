@@ -93,3 +93,29 @@ def test_resume_steps_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, ca
     assert "resumed from" in capsys.readouterr().out
     assert any("skipped checkpoint_00000004.pt" in r.getMessage() for r in caplog.records)
     assert ckpt.load_checkpoint(out / "checkpoint_00000006.pt")["step"] == 6
+
+
+def test_one_run_owns_an_output_folder(tmp_path, capsys, monkeypatch):
+    """Two runs on one --output used to both say "done" with one's checkpoints lost: a live lock is refused,
+    a stale one (its process gone) is taken over, and a finished run leaves no lock behind."""
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ckpt.LOCK_NAME
+    import socket
+
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}\n")  # a live process (pytest's parent)
+    assert train.main(["--max-steps", "1", "--output", str(out), *FAST]) == 2
+    assert "in use by another run" in capsys.readouterr().err
+    assert ckpt.list_checkpoints(out) == []
+    lock.write_text(f"{socket.gethostname()} 999999999\n")  # stale
+    assert train.main(["--max-steps", "1", "--output", str(out), *FAST]) == 0
+    assert not lock.exists() and [s for s, _ in ckpt.list_checkpoints(out)] == [1]
+
+
+def test_default_run_dir_skips_a_folder_a_live_run_is_starting_in(tmp_path):
+    import socket
+
+    root = tmp_path / "runs"
+    (root / "p").mkdir(parents=True)
+    (root / "p" / ckpt.LOCK_NAME).write_text(f"{socket.gethostname()} {os.getppid()}\n")
+    assert train.default_run_dir("p", resume=False, root=root) == root / "p-2"

@@ -7,11 +7,14 @@ Before a save the trainers check the weights and optimizer state are finite (``n
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import socket
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -162,6 +165,58 @@ def load_latest(output: str | os.PathLike, map_location="cpu") -> tuple[Path, di
     if notes:
         raise ValueError(f"--resume: no readable checkpoint in {output} ({'; '.join(notes)})")
     return None
+
+
+LOCK_NAME = ".simmim_fast.lock"
+
+
+@contextlib.contextmanager
+def run_lock(output: str | os.PathLike) -> Iterator[Path]:
+    """One run owns ``output`` at a time: ``<output>/.simmim_fast.lock`` holds the owner's host and pid.
+
+    A lock of a live process on this host is a ``ValueError`` naming ``--output``; a stale one (its process
+    is gone) is taken over with a warning. The lock is removed when the block ends.
+    """
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = lock_owner(output)
+            if owner is not None:
+                raise ValueError(f"--output: {out} is in use by another run (host {owner[0]}, pid {owner[1]}); "
+                                 f"wait for it, stop it, or choose another --output")
+            logging.getLogger("simmim_fast.checkpoint").warning("--output: taking over the stale lock %s", path)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    try:
+        yield path
+    finally:
+        try:
+            if path.read_text().strip() == me:
+                path.unlink()
+        except OSError:
+            pass
+
+
+def lock_owner(output: str | os.PathLike) -> tuple[str, int] | None:
+    """``(host, pid)`` of the live run holding ``output``'s lock, or None (no lock, or its process is gone).
+    A lock from another host is taken as live (its process cannot be checked from here)."""
+    path = Path(output) / LOCK_NAME
+    try:
+        host, pid = path.read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return host, pid
+    return (host, pid) if _pid_alive(pid) and pid != os.getpid() else None
 
 
 def resume_point(resume: str | None, output: str | os.PathLike, *, is_main: bool = True) -> tuple[Path | None, dict | None]:
