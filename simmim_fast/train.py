@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -189,6 +190,11 @@ def _positive(name: str, value, kind=int) -> None:
         raise ValueError(f"{name}: expected a positive {kind.__name__}, got {value!r}")
 
 
+def _non_negative_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+
+
 def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
     r = get_preset(a.preset).recipe
     def pick(value, default):
@@ -210,8 +216,25 @@ def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
         _positive("--max-steps", a.max_steps)
     if img_size % mps:
         raise ValueError(f"--mask-patch-size: {mps} must divide --img-size {img_size}")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"--mask-ratio: expected a fraction in [0, 1], got {ratio}")
+    if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+        # 0 masks nothing (the loss is 0/eps: nothing to learn), 1 leaves nothing visible to predict from
+        raise ValueError(f"--mask-ratio: expected a fraction strictly between 0 and 1, got {ratio!r}")
+    lrs = {"--base-lr": pick(a.base_lr, r.base_lr), "--warmup-lr": pick(a.warmup_lr, r.warmup_lr),
+           "--min-lr": pick(a.min_lr, r.min_lr)}
+    for name, value in lrs.items():
+        _non_negative_finite(name, value)
+    if lrs["--base-lr"] <= 0:
+        raise ValueError(f"--base-lr: expected a positive finite number, got {lrs['--base-lr']!r}")
+    _non_negative_finite("--warmup-epochs", pick(a.warmup_epochs, r.warmup_epochs))
+    _non_negative_finite("--weight-decay", pick(a.weight_decay, r.weight_decay))
+    _non_negative_finite("--clip-grad", pick(a.clip_grad, r.clip_grad))
+    if a.drop_path is not None and not (isinstance(a.drop_path, (int, float)) and 0.0 <= a.drop_path < 1.0):
+        raise ValueError(f"--drop-path: expected a rate in [0, 1), got {a.drop_path!r}")
+    if isinstance(a.keep_checkpoints, bool) or not isinstance(a.keep_checkpoints, int) or a.keep_checkpoints < 0:
+        raise ValueError(f"--keep-checkpoints: expected an int >= 0 (0 keeps all), got {a.keep_checkpoints!r}")
+    if isinstance(a.vis_every, bool) or not isinstance(a.vis_every, int) or a.vis_every < 0:
+        raise ValueError(f"--vis-every: expected an int >= 0 (0: only at the end), got {a.vis_every!r}")
+    _positive("--vis-images", a.vis_images)
     precision = a.precision
     if precision == "auto":
         precision = "bf16" if info.device.type == "cuda" else "fp32"
