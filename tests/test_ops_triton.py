@@ -445,3 +445,12 @@ def test_loss_batch_mismatch_names_the_odd_argument():
         ops.masked_l1_loss(pred, _randn((3, 3, 12, 8), 84), torch.zeros(2, 3, 2, dtype=torch.bool, device=DEV))
     with pytest.raises(ValueError, match=r"^mask: batch 1"):
         ops.masked_l1_loss(pred, _randn((2, 3, 12, 8), 84), torch.zeros(1, 3, 2, dtype=torch.bool, device=DEV))
+
+
+def test_registered_ops_take_schema_arguments_by_name():
+    """The registrations are plain functions with the fake's signature: torch may call them by keyword."""
+    pred = _randn((1, 2, 2, 48), 91)
+    by_position = torch.ops.simmim_fast.pixel_shuffle_head(pred, 3)
+    by_name = torch.ops.simmim_fast.pixel_shuffle_head(pred=pred, in_chans=3)
+    assert torch.equal(by_position, by_name)
+    assert torch.equal(by_name, F.pixel_shuffle(pred.permute(0, 3, 1, 2), 4))

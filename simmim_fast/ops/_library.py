@@ -58,7 +58,9 @@ class OpPair:
 def _bind(impl: Callable[..., Any], launch: Callable[[Any], Any], signature: inspect.Signature, name: str):
     """``impl`` with ``launch`` bound, as a plain annotated function (what ``infer_schema`` reads)."""
 
-    def op_function(*args):
+    def op_function(*args, **kwargs):
+        if kwargs:  # torch may pass schema arguments by name: put them in schema order
+            args = signature.bind(*args, **kwargs).args
         return impl(launch, *args)
 
     op_function.__signature__ = signature
