@@ -39,7 +39,7 @@ def _direct(kernel):
 
 def _wrapped(kernel):
     wrap = getattr(torch.library, "wrap_triton", None) or torch.library.capture_triton
-    return wrap(kernel)
+    return launch_log.wrap(kernel, wrap(kernel))  # logged too while a launch log is open (CUDA tests)
 
 
 @dataclass

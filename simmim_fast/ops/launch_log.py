@@ -99,8 +99,8 @@ def unique(records: list[dict]) -> list[dict]:
 
 
 class _Launcher:
-    def __init__(self, kernel: Any, grid: Any):
-        self.kernel, self.grid = kernel, grid
+    def __init__(self, kernel: Any, grid: Any, runner: Any):
+        self.kernel, self.grid, self.runner = kernel, grid, runner
 
     def __call__(self, *args, **kwargs):
         if _logs:
@@ -109,19 +109,21 @@ class _Launcher:
                 log.append(rec)
             if not all(execute for _, execute in _logs):
                 return None
-        return self.kernel[self.grid](*args, **kwargs)
+        return self.runner[self.grid](*args, **kwargs)
 
 
 class _Recording:
-    """``kernel[grid](*args, **kwargs)`` that logs the launch first."""
+    """``runner[grid](*args, **kwargs)`` that logs the launch (as ``kernel``'s) first."""
 
-    def __init__(self, kernel: Any):
-        self.kernel = kernel
+    def __init__(self, kernel: Any, runner: Any):
+        self.kernel, self.runner = kernel, runner
 
     def __getitem__(self, grid: Any) -> _Launcher:
-        return _Launcher(self.kernel, grid)
+        return _Launcher(self.kernel, grid, self.runner)
 
 
-def wrap(kernel: Any) -> Any:
-    """``kernel`` itself, or a recording stand-in while a log is open."""
-    return _Recording(kernel) if _logs else kernel
+def wrap(kernel: Any, runner: Any = None) -> Any:
+    """What launches ``kernel``: ``runner`` (default: the kernel itself; ``wrap_triton(kernel)`` on the
+    traceable path), or a recording stand-in for it while a log is open."""
+    runner = kernel if runner is None else runner
+    return _Recording(kernel, runner) if _logs else runner
