@@ -433,6 +433,17 @@ def test_loss_nan_contract_unmasked_pixels_never_count_in_either_backend():
         (g,) = torch.autograd.grad(loss, p)
         assert torch.isfinite(loss) and torch.isfinite(g).all(), backend
         assert (g[0, 1, 1] == 0).all()
+    # a mask finer than the tokens: token (0, 0, 0) is partly masked; NaN at one of its unmasked pixels
+    fine = torch.zeros(B, h * 2, w * 2, dtype=torch.bool, device=DEV)
+    fine[0, 0, 0] = True  # top-left quarter of token (0, 0, 0)
+    part = pred.clone()
+    part[0, 0, 0, C * s * s - 1] = float("nan")  # channel 2, bottom-right pixel: unmasked
+    for loss_name in ("l1", "l2", "smooth_l1"):
+        for backend in ("reference", "triton"):
+            p = part.clone().requires_grad_(True)
+            loss = ops.masked_l1_loss(p, images, fine, loss=loss_name, backend=backend)
+            (g,) = torch.autograd.grad(loss, p)
+            assert torch.isfinite(loss) and torch.isfinite(g).all(), (loss_name, backend)
     bad = pred.clone()
     bad[0, 0, 0, 0] = float("nan")  # a masked pixel
     for backend in ("reference", "triton"):

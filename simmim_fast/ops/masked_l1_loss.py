@@ -138,9 +138,10 @@ if HAS_TRITON:
                     small = ad < beta
                     val = tl.where(small, 0.5 * d * d / beta, ad - 0.5 * beta)
                     gr = tl.where(small, d / beta, sgn)
-                acc += val * m
+                keep = m != 0  # an unmasked pixel never counts, a NaN there included (the reference's contract)
+                acc += tl.where(keep, val * m, 0.0)
                 if WRITE_GRAD:
-                    tl.store(grad_ptr + grow + c * ss + p, cast_to(gr * m * scale, grad_ptr.dtype.element_ty), mask=pm)
+                    tl.store(grad_ptr + grow + c * ss + p, cast_to(tl.where(keep, gr * m * scale, 0.0), grad_ptr.dtype.element_ty), mask=pm)
             tl.store(part_ptr + pid, tl.sum(acc, axis=0))
         else:
             tl.store(part_ptr + pid, 0.0)
