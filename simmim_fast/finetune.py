@@ -473,8 +473,7 @@ def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> di
     plan = make_plan(a, info)
     backend = check_data_backend(a.data_backend, info, img_size=plan.img_size)
     output = Path(a.output or os.path.join("runs", f"finetune_{a.preset}"))
-    set_threads(device=info.device, requested=a.threads, num_workers=plan.num_workers,
-                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), log_it=info.is_main)
+    set_threads(device=info.device, requested=a.threads, num_workers=plan.num_workers, log_it=info.is_main)
     device = info.device
 
     # ---- resume point ------------------------------------------------------------------------
@@ -637,12 +636,7 @@ def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> di
         nonlocal last_ckpt, last_saved, last_eval
         check_finite()
         net = _unwrap(model)
-        bad = ckpt.nonfinite_tensors({"model": net.state_dict(), "optimizer": optimizer.state_dict()["state"]})
-        if bad:  # the loss before the update was finite, the update was not
-            raise TrainingDiverged(
-                f"weights or optimizer state became NaN/inf by step {step} ({', '.join(bad)}); stopping without "
-                f"saving. Last good checkpoint: {last_ckpt or 'none'}"
-            )
+        ckpt.check_state_finite(net.state_dict(), optimizer, step=step, last_good=last_ckpt)
         res = evaluate(net, val_dl, device=device, autocast=autocast, info=info, num_classes=len(classes))
         row = {"epoch": round(step / steps_per_epoch, 4), "step": step, "acc1": round(res["acc1"], 4),
                "acc5": round(res["acc5"], 4), "loss": round(res["loss"], 6), "images": res["images"]}

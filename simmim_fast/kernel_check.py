@@ -172,9 +172,22 @@ def _replay_arg(a: dict) -> Any:
     return a["value"]
 
 
+#: The only modules a launch record may name: the launches file is data, so it never chooses what to import.
+KERNEL_MODULES = ("simmim_fast.ops.mask_token_fill", "simmim_fast.ops.masked_l1_loss",
+                  "simmim_fast.ops.pixel_shuffle_head")
+
+
 def _kernel(name: str):
-    module, fn = name.split(":")
-    return getattr(importlib.import_module(module), fn)
+    """The Triton kernel a record names (``module:function``), from :data:`KERNEL_MODULES` only."""
+    module, _, fn = str(name).partition(":")
+    if module not in KERNEL_MODULES or not fn.isidentifier():
+        raise ValueError(f"launches: kernel {name!r} is not one of this project's kernels ({', '.join(KERNEL_MODULES)})")
+    kernel = getattr(importlib.import_module(module), fn, None)
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, JITFunction):
+        raise ValueError(f"launches: {name!r} is not a Triton kernel")
+    return kernel
 
 
 def ptxas_info(ptx: str, arch: int) -> dict:

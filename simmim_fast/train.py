@@ -318,8 +318,7 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
     plan = make_plan(a, info)
     output = Path(a.output) if a.output else default_run_dir(a.preset, resume=a.resume is not None)
     device = info.device
-    set_threads(device=device, requested=a.threads, num_workers=plan.num_workers,
-                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), log_it=info.is_main)
+    set_threads(device=device, requested=a.threads, num_workers=plan.num_workers, log_it=info.is_main)
 
     # ---- resume point -------------------------------------------------------------------
     if info.is_main:
@@ -454,12 +453,7 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
     def save_now() -> Path:
         nonlocal last_saved, last_ckpt
         check_finite()
-        bad = ckpt.nonfinite_tensors({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict()["state"]})
-        if bad:  # the loss before the update was finite, the update was not
-            raise TrainingDiverged(
-                f"weights or optimizer state became NaN/inf by step {step} ({', '.join(bad)}); stopping without "
-                f"saving. Last good checkpoint: {last_ckpt or 'none'}"
-            )
+        ckpt.check_state_finite(_unwrap(model).state_dict(), optimizer, step=step, last_good=last_ckpt)
         rng_states = all_gather_objects(ckpt.rng_state(), info)
         path = None
         if info.is_main:

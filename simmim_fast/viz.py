@@ -199,7 +199,7 @@ def save_reconstruction_grid(path, images, mask, pred, *, labels: bool = True, *
     path = pathlib.Path(path)
     img = reconstruction_grid(images, mask, pred, **kw)
     if labels:
-        img = annotate(img, int(_as_cpu_float(images, "images").shape[-1]))
+        img = annotate(img, int(images.shape[-1]))  # tile width W (images were validated by the grid)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

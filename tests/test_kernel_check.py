@@ -134,3 +134,15 @@ def test_cli_rejects_bad_arguments():
     r = subprocess.run([sys.executable, "-m", "simmim_fast.kernel_check", "collect", "--out", "x.json",
                         "--presets", "nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "preset" in r.stderr and "swin_base_192" in r.stderr
+
+
+def test_a_launches_file_cannot_choose_what_to_import():
+    """The launches file is data: a record naming any other module is refused before anything is imported."""
+    import sys as _sys
+
+    for name in ("os:system", "subprocess:run", "simmim_fast.ops.mask_token_fill:__class__", "evil_module_x:k"):
+        with pytest.raises(ValueError, match="not one of this project's kernels|not a Triton kernel"):
+            kernel_check._kernel(name)
+    assert "evil_module_x" not in _sys.modules
+    res = kernel_check.compile_one({"kernel": "os:system", "args": [], "constexprs": {}, "options": {}}, 90)
+    assert not res["ok"] and "not one of this project's kernels" in res["error"]

@@ -170,6 +170,18 @@ def check_mask_dtype(name: str, mask: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a bool, integer or float 0/1 tensor, got {mask.dtype}")
 
 
+def check_same_batch(**tensors: torch.Tensor) -> None:
+    """Tensors that must share their batch size: a mismatch names the one that disagrees with the others."""
+    sizes = {name: t.shape[0] for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(set(sizes.values())) <= 1:
+        return
+    counts = list(sizes.values())
+    odd = [name for name, b in sizes.items() if counts.count(b) == 1]
+    name = odd[0] if len(odd) == 1 else next(iter(sizes))
+    others = ", ".join(f"{k} {v}" for k, v in sizes.items() if k != name)
+    raise ValueError(f"{name}: batch {sizes[name]} differs from the others' ({others})")
+
+
 def check_grid(name: str, grid: tuple[int, int], full: tuple[int, int], full_name: str) -> tuple[int, int]:
     """Check that a mask grid ``(h, w)`` divides ``full`` = ``(H, W)``; return the repeat factors."""
     h, w = grid

@@ -12,7 +12,8 @@ Computed in float32 and stored in ``tokens.dtype``. Differentiable in ``tokens``
 Triton path: one pass reads the tokens and the mask at its own (coarse) grid (the mask is never
 upsampled in memory) and writes the blended tokens. Tokens that are an NCHW tensor viewed as
 ``(B, H, W, C)`` (ViT's conv patch embedding) take a kernel that reads each tile along tokens and
-writes it along channels (coalesced on both sides) instead of a strided, element-by-element gather. Backward: ``dtokens = g * (1 - m)`` and
+writes it along channels (coalesced on both sides) instead of a strided, element-by-element gather.
+Backward: ``dtokens = g * (1 - m)`` and
 ``dmask_token = sum(g * m)`` reduced in the same kernel, per program in registers, then either
 two-stage (per-program partial sums reduced by ``torch.sum``: bit-exact run to run,
 ``deterministic=True``) or with fp32 atomics (``deterministic=False``). ``deterministic=None``

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import INT32_LIMIT, check_float, device_reasons, resolve_backend, size_reasons, upsample_mask
+from ._common import INT32_LIMIT, check_float, check_same_batch, device_reasons, resolve_backend, size_reasons, upsample_mask
 from .masked_l1_loss import (
     MAX_TILE,
     check_images_and_mask,
@@ -105,6 +105,7 @@ def _check_inputs(features, weight, bias, images, mask, token_index, eps, loss, 
     if features.dim() != 4:
         raise ValueError(f"features: expected (B, h, w, F), got shape {tuple(features.shape)}")
     B, h, w, Fdim = features.shape
+    check_same_batch(features=features, images=images, mask=mask)
     Bi, C, H, W = check_images_and_mask(images, mask)
     if Bi != B or H % h or W % w or H // h != W // w:
         raise ValueError(

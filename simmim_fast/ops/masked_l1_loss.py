@@ -41,6 +41,7 @@ from ._common import (
     check_float,
     check_grid,
     check_mask_dtype,
+    check_same_batch,
     device_reasons,
     kernel_mask,
     new_output,
@@ -278,13 +279,7 @@ def check_images_and_mask(images, mask, *, grid: bool = True) -> tuple[int, int,
 
 def _check_inputs(pred, images, mask, eps, loss, region, beta) -> int:
     check_float("pred", pred)
-    if isinstance(images, torch.Tensor) and isinstance(mask, torch.Tensor) and images.dim() == 4 and mask.dim() == 3:
-        sizes = {"pred": pred.shape[0], "images": images.shape[0], "mask": mask.shape[0]}
-        if len(set(sizes.values())) > 1:  # name the one that disagrees with the other two
-            odd = [k for k, v in sizes.items() if list(sizes.values()).count(v) == 1]
-            name = odd[0] if len(odd) == 1 else "images"
-            raise ValueError(f"{name}: batch {sizes[name]} differs from the others' "
-                             f"({', '.join(f'{k} {v}' for k, v in sizes.items() if k != name)})")
+    check_same_batch(pred=pred, images=images, mask=mask)
     B, C, H, W = check_images_and_mask(images, mask, grid=False)
     s = head_stride(pred, C)
     if pred.shape[0] != B or (pred.shape[1] * s, pred.shape[2] * s) != (H, W):

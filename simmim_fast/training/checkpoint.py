@@ -128,7 +128,7 @@ def set_rng_state(state: dict) -> None:
 def nonfinite_tensors(state: dict, *, limit: int = 5) -> list[str]:
     """Names of floating-point tensors of a state dict (or nested dicts/lists) that hold NaN/inf.
 
-    One device synchronisation in all (a stacked ``isfinite`` reduction), so it is cheap at save steps.
+    One stacked ``isfinite`` reduction and one synchronisation per device, so it is cheap at save steps.
     """
     named: list[tuple[str, torch.Tensor]] = []
 
@@ -144,10 +144,27 @@ def nonfinite_tensors(state: dict, *, limit: int = 5) -> list[str]:
                 walk(f"{prefix}.{i}", v)
 
     walk("", state)
-    if not named:
-        return []
-    flags = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=False) for _, t in named])
-    return [name for (name, _), ok in zip(named, flags.tolist()) if not ok][:limit]
+    ok: dict[str, bool] = {}
+    for device in {t.device for _, t in named}:  # one stacked reduction and one sync per device
+        group = [(n, t) for n, t in named if t.device == device]
+        flags = torch.stack([torch.isfinite(t).all() for _, t in group]).tolist()
+        ok.update({n: f for (n, _), f in zip(group, flags)})
+    return [n for n, _ in named if not ok[n]][:limit]
+
+
+def check_state_finite(model_state: dict, optimizer, *, step: int, last_good) -> None:
+    """Stop a run (``TrainingDiverged``) whose weights or optimizer state became NaN/inf, before a save.
+
+    The trainers' loss check sees the loss computed before the update; this sees what the update wrote.
+    """
+    from .cli import TrainingDiverged
+
+    bad = nonfinite_tensors({"model": model_state, "optimizer": optimizer.state_dict()["state"]})
+    if bad:
+        raise TrainingDiverged(
+            f"weights or optimizer state became NaN/inf by step {step} ({', '.join(bad)}); stopping without "
+            f"saving. Last good checkpoint: {last_good or 'none'}"
+        )
 
 
 def load_latest(output: str | os.PathLike, map_location="cpu") -> tuple[Path, dict, list[str]] | None:
