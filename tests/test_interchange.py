@@ -592,3 +592,155 @@ def test_safetensors_export_has_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o644
+
+
+# ---------------------------------------------------------------------------------------------
+# ours -> the official layout (export --format official)
+# ---------------------------------------------------------------------------------------------
+SWIN_192 = dict(img_size=192, patch_size=4, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=6)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert list(a) == list(b) or set(a) == set(b), sorted(set(a) ^ set(b))[:8]
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("arch,cfg", [("swin", SWIN), ("swin", SWIN_192), ("vit", VIT)])
+def test_official_to_ours_to_official_gives_identical_tensors(arch, cfg):
+    """Buffers included: ours recomputes relative_position_index / attn_mask as the official code does."""
+    if arch == "swin":
+        official = official_swin_state(cfg, seed=7)
+        model = create_model("swin_tiny_cpu", **{k: cfg[k] for k in ("img_size", "embed_dim", "depths", "num_heads", "window_size")})
+    else:
+        official, model = official_vit_state(cfg, seed=7), _vit_model()
+    interchange.load_simmim_weights(model, official)
+    back = interchange.ours_to_official(model.state_dict(), grid=model.encoder.grid_size)
+    _same(back, official)
+    if arch == "swin":  # official module order: a stage's patch merging after its blocks
+        keys = list(back)
+        assert keys.index("encoder.layers.0.downsample.reduction.weight") > keys.index("encoder.layers.0.blocks.0.mlp.fc2.bias")
+        assert keys.index("encoder.layers.0.downsample.reduction.weight") < keys.index("encoder.layers.1.blocks.0.norm1.weight")
+    with pytest.raises(ValueError, match="already in the official layout"):
+        interchange.ours_to_official(official, grid=model.encoder.grid_size)
+
+
+def official_load_pretrained(checkpoint_model: dict, model_keys: dict, arch: str):
+    """Key handling of the official utils.load_pretrained + model.load_state_dict(strict=False) ->
+    (missing, unexpected); ``model_keys``: name -> shape of the official fine-tuning model."""
+    if any("encoder." in k for k in checkpoint_model):
+        checkpoint_model = {k.replace("encoder.", ""): v for k, v in checkpoint_model.items() if k.startswith("encoder.")}
+    if arch == "swin":
+        for key in list(checkpoint_model):
+            if "relative_position_bias_table" in key:
+                assert checkpoint_model[key].shape[1] == model_keys[key][1]  # state_dict[key]: a KeyError there is fatal
+        for word in ("relative_position_index", "relative_coords_table", "attn_mask"):
+            for k in [k for k in checkpoint_model if word in k]:
+                del checkpoint_model[k]
+    else:
+        table = checkpoint_model["rel_pos_bias.relative_position_bias_table"]  # a KeyError there is fatal
+        for i in range(sum(1 for k in model_keys if k.endswith("attn.relative_position_bias_table"))):
+            checkpoint_model[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+        checkpoint_model.pop("rel_pos_bias.relative_position_bias_table")
+        for k in [k for k in checkpoint_model if "relative_position_index" in k]:
+            checkpoint_model.pop(k)
+    for k, v in checkpoint_model.items():
+        if k in model_keys:
+            assert tuple(v.shape) == tuple(model_keys[k]), k  # load_state_dict: a size mismatch is fatal
+    return sorted(set(model_keys) - set(checkpoint_model)), sorted(set(checkpoint_model) - set(model_keys))
+
+
+def _official_finetune_keys(arch: str, cfg: dict, classes: int = 10) -> dict:
+    """The official fine-tuning model's state_dict shapes (SwinTransformer / VisionTransformer with
+    use_rel_pos_bias and use_mean_pooling), from the official pretraining layout."""
+    if arch == "swin":
+        keys = {k[len("encoder."):]: tuple(v.shape) for k, v in official_swin_state(cfg).items()
+                if k.startswith("encoder.") and k != "encoder.mask_token"}
+        last = cfg["embed_dim"] * 2 ** (len(cfg["depths"]) - 1)
+    else:
+        sd = official_vit_state(cfg)
+        keys = {k[len("encoder."):]: tuple(v.shape) for k, v in sd.items()
+                if k.startswith("encoder.") and not k.startswith(("encoder.rel_pos_bias", "encoder.norm.", "encoder.mask_token"))}
+        for i in range(cfg["depth"]):
+            keys[f"blocks.{i}.attn.relative_position_bias_table"] = tuple(sd["encoder.rel_pos_bias.relative_position_bias_table"].shape)
+            keys[f"blocks.{i}.attn.relative_position_index"] = tuple(sd["encoder.rel_pos_bias.relative_position_index"].shape)
+        last = cfg["embed_dim"]
+        keys.update({"fc_norm.weight": (last,), "fc_norm.bias": (last,)})
+    keys.update({"head.weight": (classes, last), "head.bias": (classes,)})
+    return keys
+
+
+@pytest.mark.parametrize("arch", ["swin", "vit"])
+def test_official_export_is_accepted_by_the_official_finetune_loader_like_an_official_checkpoint(arch):
+    cfg = SWIN if arch == "swin" else VIT
+    official = official_swin_state(cfg, seed=2) if arch == "swin" else official_vit_state(cfg, seed=2)
+    ours = _swin_model() if arch == "swin" else _vit_model()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.2)
+    export = interchange.ours_to_official(ours.state_dict(), grid=ours.encoder.grid_size)
+    ft = _official_finetune_keys(arch, cfg)
+    missing, unexpected = official_load_pretrained(dict(export), ft, arch)
+    assert (missing, unexpected) == official_load_pretrained(dict(official), ft, arch)  # as for a real one
+    # nothing of the encoder left out: only what the loader itself deletes, and the new head / fc-norm
+    assert all(("relative_position_index" in k or "attn_mask" in k or k.startswith(("head.", "fc_norm."))) for k in missing)
+    # the official forward over the exported keys gives our features
+    x, mask = _inputs(cfg, cfg["patch_size"], batch=1)
+    with torch.no_grad():
+        got = ours.eval().encoder(x, mask)
+        want = ref_swin(export, x, mask, cfg) if arch == "swin" else ref_vit(export, x, mask, cfg)[0]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+
+
+def test_export_format_official_cli_round_trip(tmp_path, capsys):
+    model, path = _pretrain_checkpoint(tmp_path, "swin_tiny_cpu", 192)
+    out = tmp_path / "official.pth"
+    assert interchange.main(["export", "--format", "official", "--checkpoint", str(tmp_path), "--output", str(out),
+                             "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "--pretrained" in printed and "max |difference| = 0" in printed
+    obj = torch.load(out, map_location="cpu", weights_only=True)  # what the official loader does (plain data)
+    assert set(obj) >= {"model", "config"} and obj["config"]["DATA"]["IMG_SIZE"] == 192
+    sd = obj["model"]
+    assert is_official_layout(sd) and "encoder.layers.0.downsample.reduction.weight" in sd
+    assert "encoder.layers.2.blocks.1.attn_mask" in sd and "decoder.0.weight" in sd
+    _same(official_to_ours(sd), model.state_dict())
+    # official -> ours (the usual reader: preset from the shapes, size from the config) -> official: identical
+    out2 = tmp_path / "official2.pth"
+    assert interchange.main(["export", "--format", "official", "--checkpoint", str(out), "--output", str(out2)]) == 0
+    assert "from the official checkpoint" in capsys.readouterr().out
+    obj2 = torch.load(out2, weights_only=True)
+    assert obj2["simmim_fast"]["preset"] == "swin_tiny_cpu" and obj2["simmim_fast"]["img_size"] == 192
+    _same(obj2["model"], sd)
+    assert interchange.main(["export", "--format", "official", "--checkpoint", str(tmp_path), "--output",
+                             str(tmp_path / "x.safetensors")]) == 2
+    assert ".pth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["swin", "vit"])
+def test_official_export_of_a_finetuned_classifier(tmp_path, arch):
+    preset = "swin_tiny_cpu" if arch == "swin" else "vit_tiny_cpu"
+    spec = classifier_spec(preset, num_classes=5, img_size=128, window_size=4) if arch == "swin" else \
+        classifier_spec(preset, num_classes=5, img_size=64)
+    clf = build_classifier(spec).eval()
+    torch.save({"format": interchange.FINETUNE_FORMAT, "model": clf.state_dict(), "spec": spec, "classes": list("abcde")},
+               tmp_path / "best.pt")
+    export = interchange.official_export(tmp_path / "best.pt")
+    sd = export["model"]
+    assert {"head.weight", "head.bias"} <= set(sd) and not any(k.startswith("head.fc") for k in sd)
+    if arch == "swin":
+        assert "layers.0.downsample.reduction.weight" in sd and "layers.2.blocks.1.attn_mask" in sd
+    else:
+        assert "blocks.0.attn.relative_position_index" in sd and "fc_norm.weight" in sd
+    _same(official_to_ours(sd), clf.state_dict())
+
+
+def test_official_export_refuses_what_the_official_code_cannot_hold(tmp_path):
+    model = create_model("swin_tiny_cpu", img_size=64)  # 16 x 16 tokens, window 6: timm pads, the official code cannot
+    with pytest.raises(ValueError, match="not a multiple of their window"):
+        interchange.ours_to_official(model.state_dict(), grid=model.encoder.grid_size)
+    _, path = _pretrain_checkpoint(tmp_path, "vit_tiny_cpu", 64)
+    export = timm_export(path)
+    weights, _ = write_timm_export(export, tmp_path / "enc.safetensors")
+    with pytest.raises(ValueError, match="timm export"):
+        interchange.official_export(weights)

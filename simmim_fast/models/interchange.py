@@ -27,9 +27,20 @@ Writing
     ``timm_export(checkpoint)`` gives the state dict, the timm model name and keyword arguments
     with which ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...),
     **kwargs)`` loads it with no missing key; ``save_state_dict`` writes ``.safetensors`` (or
-    ``.pt``). CLI::
+    ``.pt``).
+
+    ``official_export(checkpoint)`` gives what the official code reads: ``{"model": state_dict}`` in
+    the official key layout (``ours_to_official``, the inverse of ``official_to_ours``: Swin patch
+    merging back to the end of stage ``i``, a Swin classifier's ``head.fc`` -> ``head``, and the
+    official persistent buffers ``relative_position_index`` / ``attn_mask`` recomputed by the official
+    rules), plus a small plain-dict ``config`` (``MODEL.TYPE``, ``DATA.IMG_SIZE``) and our provenance
+    under ``simmim_fast``. A pretraining checkpoint gives the whole SimMIM model (``encoder.*``,
+    ``decoder.*``, as official pretraining checkpoints hold it): the official ``main_finetune.py``
+    (``utils.load_pretrained``) takes it as ``PRETRAINED``; a fine-tuned classifier gives the official
+    classifier's keys. Official -> ours -> official gives back identical tensors. CLI::
 
         python -m simmim_fast.models.interchange export --checkpoint runs/swin_tiny_cpu --output enc.safetensors
+        python -m simmim_fast.models.interchange export --format official --checkpoint runs/swin_base_192 --output simmim_swin.pth
         python -m simmim_fast.models.interchange convert --checkpoint simmim_official.pth --output ours.pt
 """
 from __future__ import annotations
@@ -57,7 +68,8 @@ __all__ = [
     "Checkpoint", "read_checkpoint", "official_to_ours", "is_official_layout", "strip_prefix",
     "resize_rel_pos_table", "geometric_positions", "adapt_encoder_state_dict", "LoadReport",
     "infer_pretrain_preset", "load_simmim_weights", "load_pretraining_model", "encoder_config", "timm_export", "save_state_dict",
-    "create_timm_model", "main",
+    "create_timm_model", "official_relative_position_index", "official_shift_mask", "ours_to_official",
+    "official_export", "write_official_export", "main",
 ]
 
 PRETRAIN_FORMAT = "simmim_fast.pretrain.v1"
@@ -170,6 +182,136 @@ def official_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
             k = "head.fc." + k.split(".", 1)[1]
         out[k] = v
     return out
+
+
+def official_relative_position_index(window: tuple[int, int], *, cls_token: bool = False) -> torch.Tensor:
+    """The official ``relative_position_index`` buffer of a ``window = (Wh, Ww)`` (int64).
+
+    ``(Wh*Ww, Wh*Ww)``: ``(dy + Wh - 1) * (2*Ww - 1) + (dx + Ww - 1)`` for each query/key pair (Swin
+    ``WindowAttention``). ``cls_token=True``: the BEiT-style ViT's ``(Wh*Ww + 1,)*2`` index whose first
+    row, first column and corner point at the table's three extra rows, as the official
+    ``RelativePositionBias``: cls->token ``n - 3``, token->cls ``n - 2``, cls->cls ``n - 1``.
+    """
+    wh, ww = int(window[0]), int(window[1])
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()  # (N, N, 2)
+    rel[:, :, 0] += wh - 1
+    rel[:, :, 1] += ww - 1
+    rel[:, :, 0] *= 2 * ww - 1
+    index = rel.sum(-1)
+    if not cls_token:
+        return index
+    n = (2 * wh - 1) * (2 * ww - 1) + VIT_EXTRA_TOKENS
+    out = torch.zeros((wh * ww + 1,) * 2, dtype=index.dtype)
+    out[1:, 1:] = index
+    out[0, 0:] = n - 3
+    out[0:, 0] = n - 2
+    out[0, 0] = n - 1
+    return out
+
+
+def official_shift_mask(resolution: tuple[int, int], window: int, shift: int) -> torch.Tensor:
+    """The official Swin ``attn_mask`` buffer of a shifted block: ``(nW, w*w, w*w)`` float32, 0 / -100.
+
+    The ``(H, W)`` feature map is cut into 3 x 3 regions (``[0, -w)``, ``[-w, -shift)``, ``[-shift, H)``
+    per axis); a query and a key of the same window that lie in different regions get -100.
+    """
+    H, W = int(resolution[0]), int(resolution[1])
+    img = torch.zeros(1, H, W, 1)
+    cnt = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    win = img.view(1, H // window, window, W // window, window, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window)
+    mask = win.unsqueeze(1) - win.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+_DOWNSAMPLE = re.compile(r"^(?P<pre>(?:encoder\.)?)layers\.(?P<stage>\d+)\.downsample\.")
+_SWIN_TABLE = re.compile(
+    r"^(?P<pre>(?:encoder\.)?)layers\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.attn\.relative_position_bias_table$")
+_VIT_TABLE = re.compile(r"^(?P<pre>(?:encoder\.)?)(?P<mod>rel_pos_bias|blocks\.\d+\.attn)\.relative_position_bias_table$")
+
+
+def ours_to_official(state_dict: Mapping[str, torch.Tensor], *, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Our (timm) key layout -> the official one: the inverse of ``official_to_ours``.
+
+    ``state_dict``: a SimMIM model's (``encoder.*`` + ``decoder.*``), a bare encoder's or a classifier's,
+    Swin or BEiT-style ViT; ``grid``: the encoder's patch grid ``(H/p, W/p)``. Swin: ``layers.i.downsample``
+    goes back to ``layers.{i-1}.downsample`` (after that stage's blocks), a classifier ``head.fc.*`` to
+    ``head.*``, and every block gets the official ``attn.relative_position_index`` and, when shifted,
+    ``attn_mask`` (the official rule: odd blocks of a stage whose resolution exceeds its window; the
+    window is the one of the block's table). ViT: each relative-position table gets its
+    ``relative_position_index``. Tensors are the same objects (no copy). Raises ``ValueError`` for a
+    state dict already in the official layout.
+    """
+    if is_official_layout(state_dict):
+        raise ValueError("state_dict: already in the official layout (it has official buffers or a stage-0 downsample)")
+    gh, gw = int(grid[0]), int(grid[1])
+    windows = {}  # Swin block prefix -> (stage resolution, window of its table)
+    for k, v in state_dict.items():
+        m = _SWIN_TABLE.match(k)
+        if m:
+            stage = int(m.group("stage"))
+            prefix = f"{m.group('pre')}layers.{stage}.blocks.{m.group('block')}."
+            windows[prefix] = ((gh // 2**stage, gw // 2**stage), (_table_side(v.shape[0], 0) + 1) // 2)
+    odd = [f"{k}: stage {r[0]}x{r[1]}, window {w}" for k, (r, w) in windows.items() if r[0] % w or r[1] % w]
+    if odd:
+        raise ValueError("state_dict: the official Swin partitions each stage into whole windows; these blocks' "
+                         f"resolution is not a multiple of their window (another --img-size?): {'; '.join(odd[:4])}")
+    is_swin = bool(windows)
+    items: list[tuple[str, torch.Tensor]] = []
+    for k, v in state_dict.items():
+        if is_swin:
+            m = _DOWNSAMPLE.match(k)
+            if m:
+                stage = int(m.group("stage"))
+                if stage == 0:
+                    raise ValueError(f"state_dict: {k}: a stage-0 downsample has no place in either layout")
+                k = f"{m.group('pre')}layers.{stage - 1}.downsample.{k[m.end():]}"
+            elif re.match(r"^head\.fc\.(weight|bias)$", k):
+                k = "head." + k.rsplit(".", 1)[1]
+            m = re.match(r"^(?:encoder\.)?layers\.\d+\.blocks\.(\d+)\.", k)
+            if m and m.group(0) in windows:
+                res, window = windows.pop(m.group(0))  # first key of the block: its own buffer goes first
+                if int(m.group(1)) % 2 == 1 and min(res) > window:
+                    items.append((m.group(0) + "attn_mask", official_shift_mask(res, window, window // 2)))
+            if _SWIN_TABLE.match(k):
+                window = (_table_side(v.shape[0], 0) + 1) // 2
+                items.append((k, v))
+                items.append((k[: -len("relative_position_bias_table")] + "relative_position_index",
+                              official_relative_position_index((window, window))))
+                continue
+        else:
+            m = _VIT_TABLE.match(k)
+            if m:
+                items.append((k, v))
+                index = official_relative_position_index((gh, gw), cls_token=True)
+                if v.shape[0] != int(index.max()) + 1:
+                    raise ValueError(f"state_dict: {k} has {v.shape[0]} rows, a {gh}x{gw} patch grid needs "
+                                     f"{int(index.max()) + 1}")
+                items.append((f"{m.group('pre')}{m.group('mod')}.relative_position_index", index))
+                continue
+        items.append((k, v))
+    if is_swin:  # official module order: a stage's patch merging after its blocks
+        merging: dict[str, list] = {}
+        rest = []
+        for k, v in items:
+            m = _DOWNSAMPLE.match(k)
+            if m:
+                merging.setdefault(f"{m.group('pre')}layers.{m.group('stage')}.", []).append((k, v))
+            else:
+                rest.append((k, v))
+        items = []
+        for i, (k, v) in enumerate(rest):
+            items.append((k, v))
+            m = re.match(r"^((?:encoder\.)?layers\.\d+\.)", k)
+            if m and not (i + 1 < len(rest) and rest[i + 1][0].startswith(m.group(1))):
+                items.extend(merging.pop(m.group(1), []))
+        for left in merging.values():
+            items.extend(left)
+    return dict(items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,6 +718,84 @@ def timm_snippet(export: dict, path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# official export
+# ---------------------------------------------------------------------------------------------
+OFFICIAL_EXPORT_FORMAT = "simmim_fast.official_export.v1"
+
+
+def official_export(source: str | os.PathLike | Checkpoint, *, preset: str | None = None) -> dict:
+    """The checkpoint object the official microsoft/SimMIM code reads (``torch.save`` it, ``.pth``).
+
+    ``{"model": state_dict (official layout), "config": {"MODEL": {"TYPE"}, "DATA": {"IMG_SIZE"}},
+    "simmim_fast": {"format", "source_kind", "preset", "arch", "img_size"}}``. Pretraining checkpoints
+    (ours or official) give the SimMIM model (encoder with mask token, decoder), the input of the
+    official ``main_finetune.py --pretrained``; fine-tuning checkpoints give the classifier. Tensors
+    are detached CPU copies.
+    """
+    ck = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    if ck.kind == "state_dict" and ck.meta.get("timm_kwargs"):
+        raise ValueError(f"checkpoint: {ck.path} is a timm export (encoder only, no mask token or decoder); "
+                         "export the run's checkpoint instead")
+    if ck.kind == "finetune":
+        from .classifier import build_classifier
+
+        spec = ck.meta["spec"]
+        model = build_classifier(spec)
+        try:
+            model.load_state_dict(ck.state_dict, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint: its weights do not match its spec ({' '.join(str(e).split())})") from e
+        encoder, arch, img_size, name = model, spec["arch"], int(spec["kwargs"]["img_size"]), spec.get("preset")
+    else:
+        model, info = load_pretraining_model(ck, preset=preset)
+        encoder, img_size, name = model.encoder, info["img_size"], info["preset"]
+        from .presets import get_preset
+
+        arch = get_preset(name).arch
+    sd = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    official = ours_to_official(sd, grid=tuple(encoder.patch_embed.grid_size))
+    return {
+        "model": official,
+        "config": {"MODEL": {"TYPE": arch}, "DATA": {"IMG_SIZE": img_size}},
+        "simmim_fast": {"format": OFFICIAL_EXPORT_FORMAT, "source_kind": ck.kind, "preset": name, "arch": arch,
+                        "img_size": img_size, "source": str(ck.path) if ck.path else None},
+    }
+
+
+def write_official_export(export: dict, path: str | os.PathLike) -> Path:
+    """``torch.save`` the ``official_export`` object to ``path`` (atomically); ``.safetensors`` is refused."""
+    from ..training.checkpoint import atomic_save
+
+    return atomic_save(export, _official_output(path))
+
+
+def _official_output(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        raise ValueError(f"--output: the official code reads torch.save files (torch.load(path)['model']); "
+                         f"use a .pth (or .pt) name, got {path}")
+    return path
+
+
+def _check_official_export(export: dict, path: Path) -> tuple[int, float]:
+    """Read ``path`` back as an official checkpoint, map it to our layout and compare with the source tensors."""
+    ck = read_checkpoint(path)
+    if ck.kind != "official":
+        raise ValueError(f"--check: {path} does not read back as an official checkpoint (got {ck.kind})")
+    back = official_to_ours(ck.state_dict)
+    src = official_to_ours(export["model"])
+    if set(back) != set(src):
+        raise ValueError(f"--check: keys differ after the round trip: {sorted(set(back) ^ set(src))[:8]}")
+    worst = 0.0
+    for k in src:
+        if back[k].shape != src[k].shape:
+            raise ValueError(f"--check: {k}: shape {tuple(back[k].shape)} read back, {tuple(src[k].shape)} written")
+        if not torch.equal(back[k], src[k]):
+            worst = max(worst, float((back[k].double() - src[k].double()).abs().max()))
+    return len(back), worst
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -584,11 +804,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint to timm (safetensors) or convert an official SimMIM checkpoint to ours.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="weights + <name>.timm.json that timm.create_model loads with no missing key")
+    e = sub.add_parser("export", help="to timm (weights + <name>.timm.json, no missing key) or to the official layout")
     e.add_argument("--checkpoint", required=True, help="run folder, checkpoint file (ours or official) or state dict")
-    e.add_argument("--output", required=True, help="output file: .safetensors (recommended) or .pt")
+    e.add_argument("--output", required=True, help="output file: .safetensors (recommended) or .pt; --format official: .pth")
     e.add_argument("--preset", default=None, help="pretraining preset (official checkpoints: found from the shapes)")
-    e.add_argument("--check", action="store_true", help="reload the file with timm and compare features")
+    e.add_argument("--format", choices=("timm", "official"), default="timm",
+                   help="timm: weights + <name>.timm.json for timm.create_model (default); official: a .pth "
+                        "{'model': ...} in the microsoft/SimMIM key layout (main_finetune.py --pretrained reads it)")
+    e.add_argument("--check", action="store_true",
+                   help="timm: reload the file with timm and compare features; official: read it back and compare tensors")
     c = sub.add_parser("convert", help="official microsoft/SimMIM pretraining checkpoint -> simmim-fast checkpoint")
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--output", required=True, help="checkpoint file to write (e.g. runs/official/checkpoint_00000000.pt)")
@@ -619,7 +843,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     a = build_parser().parse_args(argv)
     try:
-        if a.command == "export":
+        if a.command == "export" and a.format == "official":
+            _official_output(a.output)  # before the work
+            export = official_export(a.checkpoint, preset=a.preset)
+            out = write_official_export(export, a.output)
+            info = export["simmim_fast"]
+            print(f"wrote {out} ({len(export['model'])} tensors, official layout, {info['arch']} {info['img_size']} px) "
+                  f"from the {info['source_kind']} checkpoint {info['source']}")
+            flag = "--resume" if info["source_kind"] == "finetune" else "--pretrained"
+            print(f"the official fine-tuning code reads it with:  python main_finetune.py ... {flag} {out}")
+            if a.check:
+                n, diff = _check_official_export(export, out)
+                print(f"official reload check: {n} tensors, max |difference| = {diff:.3g}")
+        elif a.command == "export":
             export = timm_export(a.checkpoint, preset=a.preset)
             weights, sidecar = write_timm_export(export, a.output)
             print(f"wrote {weights} ({len(export['state_dict'])} tensors, {export['source_kind']} checkpoint) and {sidecar}")

@@ -4,6 +4,14 @@ A preset is an encoder description (``arch`` + keyword arguments for the timm-ba
 the pretraining recipe of the official config (``configs/*/simmim_pretrain__*.yaml`` over the
 ``config.py`` defaults). Learning rates are per 512 images of total batch (the official linear
 scaling ``lr = base_lr * total_batch / 512``).
+
+Two sets of rules run a recipe (``RECIPES``; ``training/optim.py``, ``vit.py``):
+``"official"`` is the microsoft/SimMIM code exactly, quirks included (its weight-decay sets, the
+learning rate one step behind the schedule, its ViT initialisation); ``"clean"`` is the deliberate
+deviation (no decay on relative-position tables and mask tokens, step ``t`` at ``lr(t)``, timm's ViT
+initialisation). ``Preset.default_recipe`` is what the CLIs use when ``--recipe`` is not given:
+``"official"`` for the official configs, ``"clean"`` for the small CPU presets (not official configs,
+so there is nothing to reproduce). Library functions default to ``"clean"``.
 """
 from __future__ import annotations
 
@@ -11,6 +19,15 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch.nn as nn
+
+RECIPES = ("official", "clean")
+
+
+def check_recipe(recipe, *, name: str = "recipe") -> str:
+    """``recipe`` if it is one of ``RECIPES``, else ``ValueError`` naming ``name``."""
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise ValueError(f"{name}: expected one of {', '.join(repr(r) for r in RECIPES)}, got {recipe!r}")
+    return recipe
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,7 @@ class Preset:
     encoder: dict = field(default_factory=dict)
     recipe: Recipe = field(default_factory=lambda: Recipe(img_size=192))
     description: str = ""
+    default_recipe: str = "official"  # rules when --recipe is not given: "official" | "clean" (see RECIPES)
 
 
 _SWIN_B = dict(patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=6,
@@ -83,6 +101,7 @@ PRESETS: dict[str, Preset] = {
             Recipe(img_size=192, epochs=200, warmup_epochs=10, base_lr=6.4e-2, warmup_lr=6.4e-5, min_lr=6.4e-4,
                    batch_size=8),
             "small Swin (embed 32, depths 1-1-2-1), official 192 px / window 6 geometry: trains on 2 CPU cores in minutes",
+            default_recipe="clean",
         ),
         Preset(
             "vit_tiny_cpu", "vit",
@@ -91,6 +110,7 @@ PRESETS: dict[str, Preset] = {
             Recipe(img_size=224, epochs=200, warmup_epochs=10, base_lr=3.2e-2, warmup_lr=3.2e-5, min_lr=3.2e-4,
                    scheduler="multistep", milestones=(150,), batch_size=8),
             "small BEiT-style ViT (embed 96, depth 2) with the ViT-B/16 geometry, for CPU runs",
+            default_recipe="clean",
         ),
     ]
 }
@@ -104,8 +124,16 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def build_encoder(preset: Preset, *, ops_backend: str = "auto", **overrides) -> nn.Module:
-    """The preset's encoder with keyword ``overrides`` (timm encoder arguments)."""
+def build_encoder(preset: Preset, *, ops_backend: str = "auto", init: str = "clean", **overrides) -> nn.Module:
+    """The preset's encoder with keyword ``overrides`` (timm encoder arguments).
+
+    ``init``: ``"official"`` initialises as the official code does, ``"clean"`` as timm does. They
+    differ for the ViT only (``vit.official_init_``); the official Swin initialisation draws from the
+    same distributions as timm's (Linear weights and tables N(0, 0.02) truncated at +-2, i.e. not
+    truncated in effect, biases 0, LayerNorm 1/0, PyTorch's default patch-embedding init, mask token
+    N(0, 0.02)), so both give the same Swin.
+    """
+    check_recipe(init, name="init")
     kwargs = dict(preset.encoder)
     kwargs.update(overrides)
     if preset.arch == "swin":
@@ -115,4 +143,4 @@ def build_encoder(preset: Preset, *, ops_backend: str = "auto", **overrides) -> 
     from .vit import ViTEncoderForSimMIM
 
     kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
-    return ViTEncoderForSimMIM(ops_backend=ops_backend, **kwargs)
+    return ViTEncoderForSimMIM(ops_backend=ops_backend, init=init, **kwargs)
