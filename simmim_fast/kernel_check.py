@@ -174,7 +174,7 @@ def _replay_arg(a: dict) -> Any:
 
 #: The only modules a launch record may name: the launches file is data, so it never chooses what to import.
 KERNEL_MODULES = ("simmim_fast.ops.mask_token_fill", "simmim_fast.ops.masked_l1_loss",
-                  "simmim_fast.ops.pixel_shuffle_head")
+                  "simmim_fast.ops.norm_target", "simmim_fast.ops.pixel_shuffle_head")
 
 
 def _kernel(name: str):

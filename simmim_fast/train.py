@@ -1,578 +1,63 @@
 """SimMIM pretraining: ``python -m simmim_fast.train`` (one GPU, torchrun, or CPU).
 
 With no argument it pretrains the small ``swin_tiny_cpu`` preset on the embedded default photographs
-on whatever device exists. Options mirror the official recipe (see ``--help``); a YAML ``--config``
-may set any option (keys as the flags, ``-`` or ``_``); flags on the command line win over it, and
-it wins over the preset's recipe.
+on whatever device exists. Options mirror the official recipe (see ``--help``; declared in
+``cli.commands.TRAIN``); a YAML ``--config`` may set any option (keys as the flags, ``-`` or ``_``);
+flags on the command line win over it, and it wins over the preset's recipe.
+
+This module only parses and checks the arguments (no torch: ``--help`` and argument errors are
+immediate); the job itself is ``simmim_fast.jobs.pretrain``, imported when it runs. Its names
+(``train``, ``make_plan``, ``Plan``, ``default_run_dir``, ...) are importable from here too.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import logging
-import math
-import os
 import sys
-import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from typing import Sequence
 
-import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from .cli.commands import TRAIN
+from .cli.lazy import forward
+from .training.cli import run_cli
 
-from .data.dali import DATA_BACKENDS, DaliLoader, select_data_backend
-from .data.default_data import default_data_dir
-from .data.folder import SimMIMImageDataset, simmim_collate
-from .data.masking import STRATEGIES, MaskGenerator
-from .data.transforms import build_pretrain_transform
-from .models import DEFAULT_PRESET, PRESETS, create_model, get_preset
-from .ops.masked_l1_loss import LOSSES, REGIONS
-from .training import checkpoint as ckpt
-from .training.config import load_yaml
-from .training.cli import TrainingDiverged, quiet_other_ranks, run_cli
-from .training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
-from .training.threads import set_threads
-from .training.metrics import MetricsLog
-from .training.plot import write_loss_plot
-from .training.optim import WarmupScheduler, build_optimizer
-from .training.sampler import ResumableSampler
-from .training.stepper import Stepper
-from .viz import save_reconstruction_grid
+__all__ = ["TrainArgs", "parse_args", "build_parser", "train", "main"]
 
-log = logging.getLogger("simmim_fast.train")
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TrainArgs = TRAIN.args_class("TrainArgs", module=__name__, doc=(
+    "Every option of the CLI (``cli.commands.TRAIN``). ``None`` means: take the preset's recipe value."))
 
 
-@dataclass
-class TrainArgs:
-    """Every option of the CLI. ``None`` means: take the preset's recipe value."""
-
-    preset: str = DEFAULT_PRESET
-    data: str | None = None
-    output: str | None = None
-    resume: str | None = None  # "auto" = newest checkpoint in output, or a path
-    epochs: int | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    accum_steps: int = 1
-    img_size: int | None = None
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    grad_checkpointing: bool = False
-    num_workers: int | None = None
-    threads: int | None = None
-    log_all_ranks: bool = False
-    data_backend: str = "auto"
-    mask_strategy: str = "random"
-    mask_patch_size: int | None = None
-    mask_ratio: float | None = None
-    loss: str = "l1"
-    predict: str = "masked"
-    base_lr: float | None = None
-    warmup_lr: float | None = None
-    min_lr: float | None = None
-    warmup_epochs: float | None = None
-    weight_decay: float | None = None
-    clip_grad: float | None = None
-    drop_path: float | None = None
-    ops_backend: str = "auto"
-    attn_backend: str = "auto"
-    log_every: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    vis_every: int = 0
-    vis_images: int = 4
+def build_parser():
+    """The argparse parser of the CLI (values are typed and checked by :func:`parse_args`)."""
+    return TRAIN.build_parser()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m simmim_fast.train",
-        description="SimMIM pretraining. No arguments: the small preset on the embedded photographs.",
-    )
-    d = TrainArgs()
-    p.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
-    p.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default {d.preset})")
-    p.add_argument("--data", default=None, help="folder of images (searched recursively); default: embedded photographs")
-    p.add_argument("--output", default=None,
-                   help="run folder for checkpoints, logs, PNGs (default: runs/<preset>, or runs/<preset>-2, -3, ... "
-                        "when that one already holds a run; with --resume, the newest of them)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the newest checkpoint in --output (or from the given checkpoint file)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's recipe)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    p.add_argument("--batch-size", type=int, default=None, help="images per process and micro-step (default: recipe)")
-    p.add_argument("--accum-steps", type=int, default=None, help=f"gradient accumulation micro-steps (default {d.accum_steps})")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the preset's)")
-    p.add_argument("--precision", choices=["auto", *PRECISIONS], default=None,
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--grad-checkpointing", action="store_true", default=None, help="activation checkpointing")
-    p.add_argument("--log-all-ranks", action="store_true", default=None,
-                   help="under torchrun, INFO log lines from every rank (default: rank 0 only)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads of each process (default on CPU: the cores per rank minus the loader "
-                        "workers; an OMP_NUM_THREADS in the environment wins)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="data loader workers / DALI CPU threads (default: by device)")
-    p.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
-                   help="input pipeline: torch DataLoader, DALI (nvJPEG on CUDA, CPU mode on CPU), or auto = "
-                        "DALI when nvidia.dali imports and the device is CUDA, else torch (default auto)")
-    p.add_argument("--mask-strategy", choices=STRATEGIES, default=None, help="random (official), square, block")
-    p.add_argument("--mask-patch-size", type=int, default=None, help="mask cell size in pixels (recipe: 32)")
-    p.add_argument("--mask-ratio", type=float, default=None, help="fraction of cells masked (recipe: 0.6)")
-    p.add_argument("--loss", choices=LOSSES, default=None, help="regression loss (official: l1)")
-    p.add_argument("--predict", choices=REGIONS, default=None,
-                   help="masked: loss on masked pixels (official); all: reconstruct all pixels")
-    p.add_argument("--base-lr", type=float, default=None, help="lr per 512 images of total batch (recipe)")
-    p.add_argument("--warmup-lr", type=float, default=None)
-    p.add_argument("--min-lr", type=float, default=None)
-    p.add_argument("--warmup-epochs", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--clip-grad", type=float, default=None, help="grad-norm clip (recipe 5.0; 0 disables)")
-    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: preset)")
-    p.add_argument("--ops-backend", choices=["auto", "triton", "reference"], default=None,
-                   help="fused ops: auto = Triton on CUDA, reference otherwise")
-    p.add_argument("--attn-backend", choices=["auto", "xformers", "sdpa", "math", "timm"], default=None,
-                   help="Swin window attention: auto = xformers on CUDA when it dispatches, else SDPA")
-    p.add_argument("--log-every", type=int, default=None, help=f"steps between log lines (default {d.log_every})")
-    p.add_argument("--save-every", type=int, default=None, help=f"steps between checkpoints (default {d.save_every})")
-    p.add_argument("--keep-checkpoints", type=int, default=None, help=f"newest checkpoints kept (default {d.keep_checkpoints}; 0 = all)")
-    p.add_argument("--vis-every", type=int, default=None, help="steps between reconstruction PNGs (0: only at the end)")
-    p.add_argument("--vis-images", type=int, default=None, help=f"images per reconstruction PNG (default {d.vis_images})")
-    return p
+def parse_args(argv: Sequence[str] | None = None) -> TrainArgs:
+    """Defaults < the resumed checkpoint's settings < YAML ``--config`` < command-line flags, all checked.
+
+    Without ``--resume`` no torch is imported; with it, the checkpoint's stored settings are read.
+    """
+    given = TRAIN.parse(argv)
+    merged = {**TRAIN.defaults(), **given}
+    if merged["resume"] is not None:
+        from .jobs.pretrain import default_run_dir
+        from .training import checkpoint as ckpt
+
+        output = merged["output"] or default_run_dir(merged["preset"], resume=True)
+        saved = ckpt.resumed_settings(merged["resume"], output)
+        merged = ckpt.merge_resumed(merged, given, saved, keep=TRAIN.not_resumed)
+        TRAIN.check(merged, source="the setting of the resumed run")
+    return TrainArgs(**merged)
 
 
-# Settings of this invocation or machine (where to stop, what hardware), not of the run: never
-# taken from a checkpoint on resume.
-_NOT_RESUMED = ("resume", "output", "max_steps", "device", "num_workers", "threads", "log_all_ranks", "data_backend")
+def main(argv: Sequence[str] | None = None) -> int:
+    def job():
+        args = parse_args(argv)
+        from .jobs.pretrain import train as run  # torch, timm, DALI: only now
+
+        run(args)
+
+    return run_cli(job, argv)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainArgs:
-    """Defaults < the resumed checkpoint's settings < YAML ``--config`` < command-line flags."""
-    ns = vars(build_parser().parse_args(argv))
-    merged = asdict(TrainArgs())
-    config = ns.pop("config")
-    explicit = {k: v for k, v in ns.items() if v is not None}
-    if config:
-        explicit = {**load_yaml(config, {f.name for f in fields(TrainArgs)}), **explicit}
-    merged.update(explicit)
-    output = merged["output"] or default_run_dir(merged["preset"], resume=merged["resume"] is not None)
-    saved = ckpt.resumed_settings(merged["resume"], output)
-    return TrainArgs(**ckpt.merge_resumed(merged, explicit, saved, keep=_NOT_RESUMED))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything derived from the arguments and the preset's recipe, checked."""
-
-    img_size: int
-    batch_size: int
-    epochs: int
-    mask_patch_size: int
-    mask_ratio: float
-    lr: float
-    warmup_lr: float
-    min_lr: float
-    warmup_epochs: float
-    weight_decay: float
-    clip_grad: float
-    precision: str
-    num_workers: int
-
-
-def _positive(name: str, value, kind=int) -> None:
-    if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}: expected a positive {kind.__name__}, got {value!r}")
-
-
-def _non_negative_finite(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-
-
-def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
-    r = get_preset(a.preset).recipe
-    def pick(value, default):
-        return default if value is None else value
-
-    img_size = pick(a.img_size, r.img_size)
-    batch = pick(a.batch_size, r.batch_size)
-    epochs = pick(a.epochs, r.epochs)
-    mps = pick(a.mask_patch_size, r.mask_patch_size)
-    ratio = pick(a.mask_ratio, r.mask_ratio)
-    _positive("--img-size", img_size)
-    _positive("--batch-size", batch)
-    _positive("--epochs", epochs)
-    _positive("--accum-steps", a.accum_steps)
-    _positive("--mask-patch-size", mps)
-    _positive("--log-every", a.log_every)
-    _positive("--save-every", a.save_every)
-    if a.max_steps is not None:
-        _positive("--max-steps", a.max_steps)
-    if img_size % mps:
-        raise ValueError(f"--mask-patch-size: {mps} must divide --img-size {img_size}")
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
-        # 0 masks nothing (the loss is 0/eps: nothing to learn), 1 leaves nothing visible to predict from
-        raise ValueError(f"--mask-ratio: expected a fraction strictly between 0 and 1, got {ratio!r}")
-    lrs = {"--base-lr": pick(a.base_lr, r.base_lr), "--warmup-lr": pick(a.warmup_lr, r.warmup_lr),
-           "--min-lr": pick(a.min_lr, r.min_lr)}
-    for name, value in lrs.items():
-        _non_negative_finite(name, value)
-    if lrs["--base-lr"] <= 0:
-        raise ValueError(f"--base-lr: expected a positive finite number, got {lrs['--base-lr']!r}")
-    _non_negative_finite("--warmup-epochs", pick(a.warmup_epochs, r.warmup_epochs))
-    _non_negative_finite("--weight-decay", pick(a.weight_decay, r.weight_decay))
-    _non_negative_finite("--clip-grad", pick(a.clip_grad, r.clip_grad))
-    if a.drop_path is not None and not (isinstance(a.drop_path, (int, float)) and 0.0 <= a.drop_path < 1.0):
-        raise ValueError(f"--drop-path: expected a rate in [0, 1), got {a.drop_path!r}")
-    if isinstance(a.keep_checkpoints, bool) or not isinstance(a.keep_checkpoints, int) or a.keep_checkpoints < 0:
-        raise ValueError(f"--keep-checkpoints: expected an int >= 0 (0 keeps all), got {a.keep_checkpoints!r}")
-    if isinstance(a.vis_every, bool) or not isinstance(a.vis_every, int) or a.vis_every < 0:
-        raise ValueError(f"--vis-every: expected an int >= 0 (0: only at the end), got {a.vis_every!r}")
-    _positive("--vis-images", a.vis_images)
-    precision = a.precision
-    if precision == "auto":
-        precision = "bf16" if info.device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
-    total_batch = batch * info.world_size * a.accum_steps
-    scale = total_batch / 512.0  # the official linear scaling rule (accumulation included)
-    cpus = os.cpu_count() or 1
-    workers = a.num_workers if a.num_workers is not None else (min(8, cpus) if info.device.type == "cuda" else max(1, cpus // 2))
-    return Plan(
-        img_size=img_size,
-        batch_size=batch,
-        epochs=epochs,
-        mask_patch_size=mps,
-        mask_ratio=ratio,
-        lr=pick(a.base_lr, r.base_lr) * scale,
-        warmup_lr=pick(a.warmup_lr, r.warmup_lr) * scale,
-        min_lr=pick(a.min_lr, r.min_lr) * scale,
-        warmup_epochs=pick(a.warmup_epochs, r.warmup_epochs),
-        weight_decay=pick(a.weight_decay, r.weight_decay),
-        clip_grad=pick(a.clip_grad, r.clip_grad),
-        precision=precision,
-        num_workers=workers,
-    )
-
-
-def default_run_dir(preset: str, *, resume: bool, root: str | os.PathLike = "runs") -> Path:
-    """The run folder when ``--output`` is not given: ``runs/<preset>``, or the first of ``runs/<preset>-2``,
-    ``-3``, ... without checkpoints when it already holds a run (so the README command can be run again);
-    with ``--resume``, the most recent of them that holds checkpoints."""
-    root = Path(root)
-    if resume:
-        candidates = [root / preset] + [p for p in root.glob(f"{preset}-*") if p.name[len(preset) + 1:].isdigit()]
-        used = [p for p in candidates if ckpt.list_checkpoints(p)]
-        return max(used, key=lambda p: ckpt.latest_checkpoint(p).stat().st_mtime) if used else root / preset
-    def taken(p: Path) -> bool:  # holds a run, or a live run is starting in it
-        return bool(ckpt.list_checkpoints(p)) or ckpt.lock_owner(p) is not None
-
-    if not taken(root / preset):
-        return root / preset
-    n = 2
-    while taken(root / f"{preset}-{n}"):
-        n += 1
-    return root / f"{preset}-{n}"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DDP) else model
-
-
-def _save(path: Path, *, model, optimizer, scheduler, scaler, step, epoch, args, plan, rng_states, world_size):
-    state = {
-        "format": "simmim_fast.pretrain.v1",
-        "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "step": step,
-        "epoch": epoch,
-        "args": asdict(args),
-        "plan": asdict(plan),
-        "rng": rng_states,
-        "world_size": world_size,
-    }
-    return ckpt.atomic_save(state, path)
-
-
-def train(a: TrainArgs) -> dict:
-    """Run pretraining; returns a summary dict (steps, last checkpoint, img/s, resumed_from)."""
-    info = init_distributed(a.device)
-    quiet_other_ranks(info.rank, a.log_all_ranks)
-    try:
-        with contextlib.ExitStack() as run_scope:  # holds the output folder's lock while the run lasts
-            return _train(a, info, run_scope)
-    finally:
-        cleanup(info)
-
-
-def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dict:
-    get_preset(a.preset)  # clear error for an unknown preset before anything else
-    plan = make_plan(a, info)
-    output = Path(a.output) if a.output else default_run_dir(a.preset, resume=a.resume is not None)
-    device = info.device
-    set_threads(device=device, requested=a.threads, num_workers=plan.num_workers, log_it=info.is_main)
-
-    # ---- resume point -------------------------------------------------------------------
-    if info.is_main:
-        run_scope.enter_context(ckpt.run_lock(output))
-    resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)
-    if state is not None and state.get("args", {}).get("preset") != a.preset:
-        raise ValueError(f"--resume: {resume_path} was trained with preset {state['args'].get('preset')!r}, not {a.preset!r}")
-
-    torch.manual_seed(a.seed + info.rank)
-    # ---- model ---------------------------------------------------------------------------
-    overrides = {"img_size": plan.img_size, "loss": a.loss, "predict": a.predict}
-    if a.drop_path is not None:
-        overrides["drop_path_rate"] = a.drop_path
-    if get_preset(a.preset).arch == "swin":
-        overrides["attn_backend"] = a.attn_backend
-    elif a.attn_backend != "auto":
-        raise ValueError(f"--attn-backend: only Swin presets have window attention; {a.preset} is a ViT")
-    model = create_model(a.preset, ops_backend=a.ops_backend, **overrides)
-    if a.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if plan.mask_patch_size % model.patch_size:
-        raise ValueError(f"--mask-patch-size: {plan.mask_patch_size} must be a multiple of the model patch size {model.patch_size}")
-    model.to(device)
-
-    # ---- data ----------------------------------------------------------------------------
-    data_root = a.data
-    if data_root is None:
-        if info.is_main:
-            default_data_dir()  # rank 0 writes the embedded photographs once
-        barrier(info)
-        data_root = default_data_dir()
-    mask_gen = MaskGenerator(
-        input_size=plan.img_size,
-        mask_patch_size=plan.mask_patch_size,
-        model_patch_size=model.patch_size,
-        mask_ratio=plan.mask_ratio,
-        strategy=a.mask_strategy,
-    )
-    data_backend = select_data_backend(a.data_backend, device)  # logs its choice once
-    if data_backend == "dali":
-        # DALI: same order/sharding as ResumableSampler; on CUDA the batches arrive on the GPU
-        sampler = dataset = DaliLoader(
-            data_root, batch_size=plan.batch_size, mask_generator=mask_gen, device=device, epochs=plan.epochs,
-            shard_id=info.rank, num_shards=info.world_size, seed=a.seed, min_batches=a.accum_steps,
-            num_threads=plan.num_workers,
-        )
-        n_images = len(dataset.files)
-    else:
-        dataset = SimMIMImageDataset(data_root, transform=build_pretrain_transform(plan.img_size), mask_generator=mask_gen, seed=a.seed)
-        sampler = ResumableSampler(
-            len(dataset), batch_size=plan.batch_size, epochs=plan.epochs, rank=info.rank,
-            world_size=info.world_size, seed=a.seed, min_batches=a.accum_steps,
-        )
-        n_images = len(dataset)
-    steps_per_epoch = sampler.batches_per_epoch // a.accum_steps
-    total_steps = plan.epochs * steps_per_epoch
-    last_step = min(total_steps, a.max_steps) if a.max_steps else total_steps
-
-    recipe = get_preset(a.preset).recipe
-    optimizer = build_optimizer(model, lr=plan.lr, weight_decay=plan.weight_decay, betas=recipe.betas, eps=recipe.eps)
-    scheduler = WarmupScheduler(
-        optimizer, base_lr=plan.lr, warmup_lr=plan.warmup_lr, min_lr=plan.min_lr, total_steps=total_steps,
-        warmup_steps=int(plan.warmup_epochs * steps_per_epoch), kind=recipe.scheduler,
-        milestones=tuple(m * steps_per_epoch for m in recipe.milestones), gamma=recipe.gamma,
-    )
-    amp_dtype = PRECISIONS[plan.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
-
-    step = 0
-    if state is not None:
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-        if info.is_main:
-            log.info("resumed from %s at step %d", resume_path, step)
-            print(f"resumed from {resume_path} at step {step}", flush=True)
-    if info.distributed:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # Resume: both backends restart at this rank's sample of the interrupted epoch (same images, same
-    # order). torch also replays the same crops/flips/masks (per-item seeds); DALI draws new ones
-    # (pipeline seed derived from the restart position).
-    sampler.set_start(step // steps_per_epoch, (step % steps_per_epoch) * a.accum_steps)
-    if data_backend == "dali":
-        loader = dataset
-    else:
-        loader = DataLoader(
-            dataset, batch_size=plan.batch_size, sampler=sampler, num_workers=plan.num_workers,
-            collate_fn=simmim_collate, pin_memory=device.type == "cuda", drop_last=True,
-            generator=torch.Generator().manual_seed(a.seed),  # keeps the global RNG untouched (resume)
-            persistent_workers=False, prefetch_factor=4 if plan.num_workers > 0 else None,
-        )
-
-    output.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(output, resume_step=step) if info.is_main else None
-    if info.is_main:
-        log.info(
-            "preset %s on %s x%d, %s | %d image files from %s (%s; unreadable ones are skipped and named) | batch %d x %d ranks x %d accum = %d | lr %.3g | "
-            "%d steps/epoch, %d epochs, running steps %d..%d | output %s",
-            a.preset, device, info.world_size, plan.precision, n_images, data_root, data_backend, plan.batch_size,
-            info.world_size, a.accum_steps, plan.batch_size * info.world_size * a.accum_steps, plan.lr,
-            steps_per_epoch, plan.epochs, step + 1, last_step, output,
-        )
-
-    model.train()
-    stepper = Stepper(model, optimizer, scheduler, scaler, info=info, accum_steps=a.accum_steps, clip_grad=plan.clip_grad)
-    skipped_total = skipped_logged = 0
-    images_since = 0
-    t_log = t_start = time.perf_counter()
-    rates: list[float] = []
-    last_saved = step if state is not None else None
-    last_ckpt = resume_path
-    first_step, checked_step = step, step
-    vis_batch = None
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=plan.precision != "fp32")
-    pbar = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not info.is_main,
-                dynamic_ncols=True, mininterval=1.0)
-
-    def check_finite() -> None:
-        nonlocal checked_step
-        if stepper.diverged():  # every rank stops together; host sync, only at log/save steps
-            msg = (
-                f"loss became NaN/inf between step {checked_step + 1} and step {step}; stopping. "
-                f"Nothing was saved after it: last good checkpoint: {last_ckpt or 'none'}"
-            )
-            raise TrainingDiverged(msg)
-        checked_step = step
-
-    def save_now() -> Path:
-        nonlocal last_saved, last_ckpt
-        check_finite()
-        ckpt.check_state_finite(_unwrap(model).state_dict(), optimizer, step=step, last_good=last_ckpt)
-        rng_states = all_gather_objects(ckpt.rng_state(), info)
-        path = None
-        if info.is_main:
-            path = _save(ckpt.checkpoint_path(output, step), model=model, optimizer=optimizer, scheduler=scheduler,
-                         scaler=scaler, step=step, epoch=step // steps_per_epoch, args=a, plan=plan,
-                         rng_states=rng_states, world_size=info.world_size)
-            ckpt.prune_checkpoints(output, a.keep_checkpoints)
-        barrier(info)
-        last_saved, last_ckpt = step, path or ckpt.checkpoint_path(output, step)
-        return last_ckpt
-
-    t_plot = time.perf_counter()
-
-    def plot_losses() -> None:
-        if metrics is None:
-            return
-        try:
-            write_loss_plot(metrics.path, output / "loss.png", title=f"{a.preset}: {output}")
-        except Exception as e:  # a plot must never stop training
-            log.warning("loss.png not written: %s", e)
-
-    def save_pictures() -> None:
-        if not info.is_main or vis_batch is None:
-            return
-        images, masks = vis_batch
-        net = _unwrap(model)
-        net.eval()
-        with autocast:
-            pred = net.predict(images, masks)
-        net.train()
-        save_reconstruction_grid(output / f"reconstruction_{step:08d}.png", images, masks, pred)
-
-    try:
-        if step < last_step:
-            for images, masks, skipped in loader:
-                head_tokens = None
-                if device.type == "cuda" and masks.device.type == "cpu":
-                    # the masked-only head's token index from the CPU mask: no device sync in forward
-                    idx = _unwrap(model).masked_head_tokens(images, masks)
-                    if idx is not None:
-                        head_tokens = idx.pin_memory().to(device, non_blocking=True)
-                images = images.to(device, non_blocking=True)
-                masks = masks.to(device, torch.bool, non_blocking=True)  # bool: no value check in the model
-                skipped_total += skipped
-                if vis_batch is None:
-                    vis_batch = (images[: a.vis_images].clone(), masks[: a.vis_images].clone())
-                images_since += images.shape[0] * info.world_size
-
-                def compute_loss() -> torch.Tensor:
-                    with autocast:
-                        return model(images, masks, head_tokens=head_tokens)
-
-                if not stepper.micro_step(step, compute_loss):
-                    continue
-                step += 1
-                pbar.update(1)
-
-                if step % a.log_every == 0 or step == last_step:
-                    check_finite()
-                    now = time.perf_counter()
-                    rate = images_since / max(now - t_log, 1e-9)
-                    rates.append(rate)
-                    mean_loss = stepper.pop_mean_loss()  # over all ranks
-                    row = {
-                        "step": step, "epoch": step // steps_per_epoch, "loss": mean_loss,
-                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(stepper.grad_norm),
-                        "img_per_s": round(rate, 3), "skipped_images": skipped_total,
-                        "elapsed_s": round(now - t_start, 3),
-                    }
-                    if metrics is not None:
-                        metrics.write(row)
-                        if now - t_plot >= 60.0:  # loss.png at log steps, at most once a minute
-                            plot_losses()
-                            t_plot = now
-                    pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}", lr=f"{row['lr']:.2e}")
-                    if skipped_total > skipped_logged and info.is_main:  # only when it grew
-                        log.info("skipped %d reads of unreadable image files so far (the first files are named "
-                                 "in the warnings above)", skipped_total)
-                        skipped_logged = skipped_total
-                    images_since, t_log = 0, now
-                if step % a.save_every == 0 and step != last_step:
-                    save_now()
-                if a.vis_every and step % a.vis_every == 0 and step != last_step:
-                    save_pictures()
-                if step >= last_step:
-                    break
-        if last_saved != step:
-            save_now()
-        save_pictures()
-        plot_losses()
-    finally:
-        pbar.close()
-        if metrics is not None:
-            metrics.close()
-
-    summary = {
-        "steps": step,
-        "steps_this_run": step - first_step,
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "img_per_s": (sum(rates[1:]) / len(rates[1:])) if len(rates) > 1 else (rates[0] if rates else float("nan")),
-        "resumed_from": str(resume_path) if resume_path else None,
-        "skipped_images": skipped_total,
-        "output": str(output),
-    }
-    if info.is_main and summary["steps_this_run"] == 0:
-        print(f"already complete: step {step}/{total_steps}, nothing to do (raise --max-steps or --epochs to "
-              f"continue), checkpoint {summary['checkpoint']}", flush=True)
-    elif info.is_main:
-        print(
-            f"done: step {step}/{total_steps}, {summary['steps_this_run']} steps this run, "
-            f"{summary['img_per_s']:.1f} img/s, checkpoint {summary['checkpoint']}",
-            flush=True,
-        )
-    return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: train(parse_args(argv)))
-
+__getattr__ = forward("simmim_fast.jobs.pretrain", __name__)
 
 if __name__ == "__main__":
     sys.exit(main())

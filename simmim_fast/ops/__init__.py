@@ -2,9 +2,11 @@
 
     mask_token_fill(tokens, mask, mask_token, *, deterministic=None, backend="auto")
     pixel_shuffle_head(pred, *, in_chans=3, backend="auto")
-    masked_l1_loss(pred, images, mask, *, eps=1e-5, loss="l1", region="masked", beta=1.0, backend="auto")
+    masked_l1_loss(pred, images, mask, *, eps=1e-5, loss="l1", region="masked", beta=1.0, norm_target=None,
+                   backend="auto")
     masked_head_loss(features, weight, bias, images, mask, *, token_index=None, eps=1e-5, loss="l1",
-                     beta=1.0, backend="auto")
+                     beta=1.0, norm_target=None, check_index=None, backend="auto")
+    normalize_targets(images, *, patch_size=47, backend="auto")   # SwinV2 SimMIM's NORM_TARGET
 
 Each has a ``*_reference`` twin with the same signature, a ``not_supported_reasons`` check and a
 ``TOLERANCES`` table (Triton path vs reference) in its module. The Triton paths are registered with
@@ -20,8 +22,9 @@ from . import masked_l1_loss as _loss_mod
 from . import pixel_shuffle_head as _shuffle_mod
 from ._common import BACKENDS
 from .mask_token_fill import mask_token_fill, mask_token_fill_reference
-from .masked_head import masked_head_loss, masked_head_loss_reference, masked_head_plan, masked_token_index
+from .masked_head import check_token_index, masked_head_loss, masked_head_loss_reference, masked_head_plan, masked_token_index
 from .masked_l1_loss import masked_l1_loss, masked_l1_loss_reference
+from .norm_target import normalize_targets, normalize_targets_reference
 from .pixel_shuffle_head import pixel_shuffle_head, pixel_shuffle_head_reference
 
 __all__ = [
@@ -36,6 +39,9 @@ __all__ = [
     "masked_head_loss_reference",
     "masked_head_plan",
     "masked_token_index",
+    "check_token_index",
+    "normalize_targets",
+    "normalize_targets_reference",
     "backend_report",
 ]
 

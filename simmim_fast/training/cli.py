@@ -1,28 +1,48 @@
-"""What the training CLIs share at their edge: the divergence error and the exit codes.
+"""What the CLIs share at their edge: the divergence error and the exit codes.
 
-Exit codes: 0 done, 2 bad input (the message names the argument), 3 the loss became NaN/inf.
+Exit codes: 0 done, 2 bad input (one line that names the argument), 3 the loss became NaN/inf.
+Bad input never shows a traceback unless ``--debug`` is given. Imports no torch.
 """
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+import traceback
+from typing import Callable, Sequence
+
+# Bad input: a wrong value, a missing or unwritable path, an unsupported option combination.
+USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; nothing was saved after it."""
 
 
-def run_cli(job: Callable[[], object]) -> int:
-    """Run ``job`` with logging set up; turn bad input and divergence into a message and an exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+def _report(e: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+
+
+def run_cli(job: Callable[[], object], argv: Sequence[str] | None = None, *, level: int = logging.INFO) -> int:
+    """Run ``job`` with logging set up; turn bad input and divergence into one line and an exit code.
+
+    ``argv``: the CLI's arguments (``sys.argv[1:]`` when None); ``--debug`` among them prints the
+    traceback before the line. ``--help`` (argparse's exit) returns its code instead of exiting.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         job()
+    except SystemExit as e:  # argparse after --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(e, debug)
         return 3
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        _report(e, debug)
         return 2
     return 0
 

@@ -1,24 +1,10 @@
-"""YAML ``--config`` files of the CLIs: keys mirror the flags (``-`` or ``_``), unknown keys are errors."""
+"""YAML ``--config`` files of the CLIs: moved to :mod:`simmim_fast.cli.config` (kept importable here)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
+from ..cli.config import read_config
 
 
 def load_yaml(path: str, known: set[str]) -> dict:
-    """``{field: value}`` from a YAML mapping; ``known`` lists the accepted field names."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--config: {path} does not exist")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a mapping of option: value")
-    out = {}
-    for k, v in data.items():
-        key = str(k).replace("-", "_")
-        if key not in known:
-            raise ValueError(f"--config: unknown key {k!r} in {path}; known keys: {', '.join(sorted(known))}")
-        out[key] = v
-    return out
+    """``{field: value}`` of a YAML mapping whose keys (``-`` or ``_``) are in ``known``; errors name the
+    file and line (:func:`simmim_fast.cli.config.read_config`)."""
+    return {name: value for name, (value, _, _) in read_config(path, known).items()}
