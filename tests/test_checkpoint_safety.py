@@ -119,3 +119,63 @@ def test_default_run_dir_skips_a_folder_a_live_run_is_starting_in(tmp_path):
     (root / "p").mkdir(parents=True)
     (root / "p" / ckpt.LOCK_NAME).write_text(f"{socket.gethostname()} {os.getppid()}\n")
     assert train.default_run_dir("p", resume=False, root=root) == root / "p-2"
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), so that a save runs out of space for real; skipped where mounting
+    is refused (not root, no CAP_SYS_ADMIN in the container)."""
+    import shutil
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a 2 MiB tmpfs here: {(r.stderr or r.stdout).strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _free(path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_a_save_on_a_full_disk_frees_its_space_and_keeps_the_previous_checkpoint(small_disk):
+    out = small_disk / "run"
+    ckpt.atomic_save({"step": 1, "w": torch.ones(100_000)}, ckpt.checkpoint_path(out, 1))  # 0.4 MB
+    free = _free(small_disk)
+    with pytest.raises(OSError) as info:
+        ckpt.atomic_save({"step": 2, "w": torch.ones(600_000)}, ckpt.checkpoint_path(out, 2))  # 2.4 MB: no room
+    assert info.value.errno == errno.ENOSPC and "checkpoint_00000002.pt" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint_00000001.pt"]  # no temp file left
+    assert _free(small_disk) == free  # the space the failed write took is free again
+    plan = ckpt.plan_resume("auto", out)  # resume reads the previous checkpoint, no traceback
+    assert plan.path == ckpt.checkpoint_path(out, 1) and torch.equal(plan.state["w"], torch.ones(100_000))
+    ckpt.atomic_save({"step": 2, "w": torch.ones(100_000)}, ckpt.checkpoint_path(out, 2))  # room for the next
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1, 2]
+
+
+def test_a_killed_saves_temp_file_filling_the_disk_is_removed_at_start_others_are_kept(small_disk):
+    out = small_disk / "run"
+    ckpt.atomic_save({"step": 1}, ckpt.checkpoint_path(out, 1))
+    killed = out / ".checkpoint_00000002.pt.999999999.tmp"  # a SIGKILLed writer's (no such pid)
+    killed.write_bytes(b"\0" * (1600 * 1024))
+    not_ours = [out / n for n in (".checkpoint_00000002.pt.tmp", ".checkpoint_00000002.pt.abc.tmp",
+                                  "checkpoint_00000002.pt.999999999.tmp", ".best.pt.999999999.tmp.part",
+                                  ".model.pt.999999999.tmp", "notes.999999999.tmp")]
+    for p in not_ours:
+        p.write_bytes(b"x")
+    live = out / f".best.pt.{os.getpid()}.tmp"  # a save in progress (this process)
+    live.write_bytes(b"x")
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.atomic_save({"step": 2, "w": torch.ones(200_000)}, ckpt.checkpoint_path(out, 2))  # 0.8 MB: full
+    plan = ckpt.plan_resume("auto", out)  # start-up of the next run in this folder
+    assert plan.path == ckpt.checkpoint_path(out, 1) and not killed.exists()
+    assert all(p.exists() for p in not_ours) and live.exists()
+    ckpt.atomic_save({"step": 2, "w": torch.ones(200_000)}, ckpt.checkpoint_path(out, 2))

@@ -2,7 +2,11 @@
 
 Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (the ImageNet layout the
 official ``data_finetune.py`` reads); class names are the sorted sub-folder names of ``train`` and
-``val`` must have the same ones. Unreadable files are skipped (the next file is used) and counted.
+``val`` must have the same ones. An empty class folder is an error naming it (it would still take a
+label index; torchvision's ``ImageFolder`` refuses it too); hidden folders (``.name``) are not classes.
+Each real file is one sample: symlink loops are followed once, a file reached twice counted once.
+Unreadable files are named (the first few) and counted: in training the next file takes their place,
+in evaluation (``on_unreadable="drop"``) they are left out, so no image is evaluated twice.
 
 Transforms (official ``data/data_finetune.py``, through timm's ``create_transform``):
     train  RandomResizedCrop (bicubic) + flip + RandAugment ``rand-m9-mstd0.5-inc1`` + Normalize +
@@ -29,29 +33,73 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
-from .folder import IMG_EXTENSIONS
+from .decode import to_rgb
+from .folder import IMG_EXTENSIONS, _real_id, walk_image_files
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB
 
 log = logging.getLogger("simmim_fast.data")
 
-__all__ = ["find_classes", "ClassificationFolder", "classification_collate", "build_train_transform",
+__all__ = ["class_folders", "scan_classes", "find_classes", "ClassificationFolder", "classification_collate", "build_train_transform",
            "build_eval_transform", "build_mixup", "ShardSampler", "split_dirs", "embedded_classification_dir"]
 
 
-def find_classes(root: str | os.PathLike) -> list[str]:
-    """Sorted names of the sub-folders of ``root`` that hold at least one image (searched recursively)."""
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class folders of ``root``: its sub-folders (symlinks followed), hidden ones
+    (a name starting with ``.``, e.g. ``.ipynb_checkpoints``) left out. Files directly in ``root`` are
+    ignored, as torchvision's ``ImageFolder`` ignores them."""
     root = pathlib.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data: {root} does not exist or is not a folder")
-    classes = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        if any(f.suffix.lower() in IMG_EXTENSIONS for f in d.rglob("*") if f.is_file()):
-            classes.append(d.name)
-    return classes
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_classes(root: str | os.PathLike, classes: Sequence[str] | None = None
+                 ) -> tuple[list[str], list[tuple[pathlib.Path, int]]]:
+    """``(classes, samples)``: the class names (default :func:`class_folders`) and ``(path, label)`` of
+    every image under ``root/<class>/`` (recursive, sorted, label = position of the class).
+
+    Each real file is one sample (:func:`walk_image_files`: symlink loops followed once, a file reached
+    by two paths counted once, under the first class in sorted order); a walk never enters another
+    class folder or the data root (a link from ``cat/`` to ``..`` does not make ``dog``'s images cats).
+
+    Empty class folders are an error (``ValueError`` naming each of them): a class without images would
+    still take a label index, so the labels would not be those of the folder names alone, and
+    torchvision's ``ImageFolder`` refuses such a folder as well. Remove the folder or add images.
+    """
+    root = pathlib.Path(root)
+    classes = class_folders(root) if classes is None else list(classes)
+    for c in classes:
+        if not (root / c).is_dir():
+            raise FileNotFoundError(f"--data: class folder {root / c} does not exist")
+    fence = {_real_id(root)} | {_real_id(root / c) for c in classes}  # no walk enters another class
+    seen: set = set()
+    samples: list[tuple[pathlib.Path, int]] = []
+    empty: list[str] = []
+    for label, c in enumerate(classes):
+        folder = root / c
+        files = walk_image_files(folder, seen=seen, fence=fence - {_real_id(folder)})
+        if not files:
+            shared = bool(walk_image_files(folder))  # its files are all under an earlier class already
+            empty.append(f"{folder}" + (" (its images are those of an earlier class folder: a symlink?)" if shared else ""))
+        samples.extend((f, label) for f in files)
+    if empty:
+        raise ValueError(
+            f"--data: {len(empty)} class folder(s) hold no images: {'; '.join(empty[:5])}"
+            f"{' ...' if len(empty) > 5 else ''}. A class folder needs at least one image "
+            f"({', '.join(IMG_EXTENSIONS)}): an empty one would still take a label index; remove it or add images"
+        )
+    return classes, samples
+
+
+def find_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted class folder names of ``root`` (:func:`class_folders`); an empty class folder is a
+    ``ValueError`` naming it (:func:`scan_classes`)."""
+    return scan_classes(root)[0]
 
 
 def split_dirs(root: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path, list[str]]:
-    """``(root/train, root/val, classes)`` checked: both exist, at least 2 classes, the same classes."""
+    """``(root/train, root/val, classes)`` checked: both exist, at least 2 classes, the same classes,
+    no empty class folder in either."""
     root = pathlib.Path(root).expanduser()
     train, val = root / "train", root / "val"
     for d in (train, val):
@@ -62,36 +110,52 @@ def split_dirs(root: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path, lis
     classes = find_classes(train)
     if len(classes) < 2:
         raise ValueError(f"--data: {train} must hold at least 2 class folders with images, found {classes}")
-    val_classes = find_classes(val)
+    val_classes = class_folders(val)
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
         raise ValueError(
             f"--data: train and val class folders differ (only in train: {only_train[:5]}, only in val: {only_val[:5]})"
         )
+    find_classes(val)  # no empty class folder in val either
     return train, val, classes
+
+
+UNREADABLE = ("next", "drop")
 
 
 class ClassificationFolder(Dataset):
     """``root/<class>/**/<image>`` -> ``(image tensor, label int, skipped int)``.
 
-    ``classes`` fixes the label order (default: ``find_classes(root)``); ``max_skip`` unreadable files
-    may be passed over for one sample before ``RuntimeError``.
+    ``classes`` fixes the label order (default: ``find_classes(root)``; empty class folders are an
+    error, :func:`scan_classes`). Unreadable files (not an image, truncated, no permission) are named in
+    a warning (the first ``NAMED_SKIPS`` per process) and counted in ``skipped``; what takes their place
+    is ``on_unreadable``:
+
+    ``"next"`` (training): the next readable file, with its own label, as in pretraining; ``max_skip``
+        unreadable files may be passed over for one sample before ``RuntimeError``.
+    ``"drop"`` (evaluation): nothing. The sample is ``(None, label, 1)`` and
+        :func:`classification_collate` leaves it out of the batch, so every readable file is evaluated
+        exactly once and an unreadable one is never replaced by a duplicate of another.
     """
 
+    #: how many distinct unreadable files each process names in a warning (the rest are only counted)
+    NAMED_SKIPS = 5
+
     def __init__(self, root: str | os.PathLike, *, transform: Callable, classes: Sequence[str] | None = None,
-                 max_skip: int = 64):
+                 max_skip: int = 64, on_unreadable: str = "next"):
+        if on_unreadable not in UNREADABLE:
+            raise ValueError(f"on_unreadable: expected one of {', '.join(UNREADABLE)}, got {on_unreadable!r}")
+        if isinstance(max_skip, bool) or not isinstance(max_skip, int) or max_skip < 0:
+            raise ValueError(f"max_skip: expected an int >= 0, got {max_skip!r}")
         self.root = pathlib.Path(root)
-        self.classes = list(classes) if classes is not None else find_classes(self.root)
+        self.classes, self.samples = scan_classes(self.root, classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples: list[tuple[pathlib.Path, int]] = []
-        for c in self.classes:
-            files = sorted(f for f in (self.root / c).rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
-            self.samples.extend((f, self.class_to_idx[c]) for f in files)
         if not self.samples:
             raise ValueError(f"--data: no images under {self.root} for classes {self.classes[:5]}")
         self.transform = transform
         self.max_skip = max_skip
+        self.on_unreadable = on_unreadable
 
     @property
     def targets(self) -> list[int]:
@@ -99,6 +163,14 @@ class ClassificationFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def _name_skipped(self, path, exc: BaseException) -> None:
+        named = self.__dict__.setdefault("_named_skips", set())
+        if path in named or len(named) >= self.NAMED_SKIPS:
+            return
+        named.add(path)
+        more = " (further unreadable files are only counted)" if len(named) == self.NAMED_SKIPS else ""
+        log.warning("skipping unreadable image %s: %s: %s%s", path, type(exc).__name__, str(exc)[:200], more)
 
     def __getitem__(self, key):
         """``key``: an index, or ``(index, item_seed)``: the augmentation then draws from ``item_seed``
@@ -108,14 +180,18 @@ class ClassificationFolder(Dataset):
         index = int(index)
         n = len(self.samples)
         last = None
-        for skipped in range(min(self.max_skip + 1, n)):
+        tries = 1 if self.on_unreadable == "drop" else min(self.max_skip + 1, n)
+        for skipped in range(tries):
             path, label = self.samples[(index + skipped) % n]
             try:
                 with Image.open(path) as img:
                     img.load()
-                    img = img.convert("RGB")
-            except Exception as e:  # unreadable: take the next file (its own label)
+                    img = to_rgb(img)
+            except Exception as e:  # unreadable: named once, counted; replaced or dropped
                 last = e
+                self._name_skipped(path, e)
+                if self.on_unreadable == "drop":
+                    return None, label, 1
                 continue
             if item_seed is None:
                 return self.transform(img), label, skipped
@@ -130,14 +206,23 @@ class ClassificationFolder(Dataset):
                 random.setstate(py_state)
                 np.random.set_state(np_state)
             return image, label, skipped
-        raise RuntimeError(f"could not read any image after {self.max_skip + 1} tries from index {index}: {last}")
+        raise RuntimeError(f"could not read any image after {tries} tries from index {index} under {self.root} "
+                           f"(max_skip={self.max_skip}): {type(last).__name__}: {last}") from last
 
 
 def classification_collate(batch):
-    """``[(image, label, skipped)]`` -> ``(images (B, 3, S, S), labels (B,) int64, skipped total)``."""
-    images = torch.stack([b[0] for b in batch])
-    labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
-    return images, labels, int(sum(b[2] for b in batch))
+    """``[(image, label, skipped)]`` -> ``(images (B, 3, S, S), labels (B,) int64, skipped total)``.
+
+    Samples without an image (``on_unreadable="drop"``) are left out and counted in ``skipped``; a batch
+    of only such samples gives ``images`` of shape ``(0,)`` and no labels (skip it: ``labels.numel() == 0``).
+    """
+    kept = [b for b in batch if b[0] is not None]
+    skipped = int(sum(b[2] for b in batch))
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images = torch.stack([b[0] for b in kept])
+    labels = torch.tensor([b[1] for b in kept], dtype=torch.long)
+    return images, labels, skipped
 
 
 def build_train_transform(

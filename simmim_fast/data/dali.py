@@ -30,10 +30,12 @@ Pipelines are rebuilt per chunk of epochs (at most ``CHUNK_SAMPLES`` file entrie
 Unreadable files. DALI stops the whole pipeline on a file it cannot decode (a non-image named
 ``.jpg``, a truncated JPEG: measured with DALI 2.4), so the file list is screened first
 (:func:`scan_image_files`: signature, end-of-image marker for JPEG/PNG, PIL header, full PIL decode
-when those are in doubt; cached per tree by size and mtime). Files it rejects are left out of the
-data set and counted once (the ``skipped`` of the first batch). A file that passes the screen but
-still fails in DALI is caught at run time: the pipeline is rebuilt from the current batch with that
-file replaced by the next readable one (as the torch data set does), counted per replaced sample.
+when those are in doubt; cached per tree by size, mtime, ctime, inode and mode, and a file that could
+not be opened at all is re-checked at every scan, so one that became readable is used again). Files it
+rejects are left out of the data set and counted once (the ``skipped`` of the first batch). A file that
+passes the screen but still fails in DALI is caught at run time: the pipeline is rebuilt from the
+current batch with that file replaced by the next readable one (as the torch data set does; the
+evaluation loader leaves it out instead), counted per replaced sample.
 
 Shared with fine-tuning (:mod:`simmim_fast.data.dali_classification`): the graph pieces
 :func:`read_and_decode` and :func:`normalize_chw`, and :class:`DaliBatchLoader` (options, screening,
@@ -233,35 +235,48 @@ def check_image_file(path: str | os.PathLike) -> str | None:
     has none); PIL parses the header. A full PIL decode settles the cases in doubt (no end marker,
     formats other than JPEG/PNG): a file PIL cannot decode is rejected.
     """
+    return _check_image_file(path)[0]
+
+
+def _reason(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())[:200]
+    return f"unreadable ({type(exc).__name__}: {msg})" if msg else f"unreadable ({type(exc).__name__})"
+
+
+def _check_image_file(path: str | os.PathLike) -> tuple[str | None, bool]:
+    """``(reason or None, transient)``: ``transient`` when the file could not be opened or read at all
+    (no permission, gone, I/O error): a verdict about access, not content, so the scan cache re-checks it."""
     from PIL import Image
 
     try:
         size = os.stat(path).st_size
         if size == 0:
-            return "empty file"
+            return "empty file", False
         with open(path, "rb") as f:
             head = f.read(32)
             fmt = _sniff(head)
             if fmt is None:
-                return f"not an image (unknown file signature {head[:8].hex()})"
+                return f"not an image (unknown file signature {head[:8].hex()})", False
             if fmt == "gif":
-                return "GIF is not decodable by DALI"
+                return "GIF is not decodable by DALI", False
             tail_ok = False
             if fmt in ("jpeg", "png"):
                 n = min(size, _TAIL_BYTES)
                 f.seek(size - n)
                 tail = f.read(n)
                 tail_ok = (b"\xff\xd9" in tail) if fmt == "jpeg" else (b"IEND" in tail)
+    except OSError as exc:  # cannot open or read: permission, missing, I/O
+        return _reason(exc), True
+    try:
         with Image.open(path) as img:
             w, h = img.size
             if w <= 0 or h <= 0:
-                return f"{fmt} with empty size {w}x{h}"
+                return f"{fmt} with empty size {w}x{h}", False
             if not tail_ok:
                 img.load()  # full decode: truncated or broken data raises
     except Exception as exc:  # any failure means: do not feed it to DALI
-        msg = " ".join(str(exc).split())[:200]
-        return f"unreadable ({type(exc).__name__}: {msg})" if msg else f"unreadable ({type(exc).__name__})"
-    return None
+        return _reason(exc), False
+    return None, False
 
 
 @dataclass
@@ -282,7 +297,13 @@ def _cache_file(cache_key: str, cache_dir: str | os.PathLike | None) -> pathlib.
     return pathlib.Path(cache_dir) / "dali_scan" / f"{digest}.json"
 
 
-_SCAN_FORMAT = "simmim_fast.dali_scan.v1"
+_SCAN_FORMAT = "simmim_fast.dali_scan.v2"
+
+
+def _file_key(st: os.stat_result) -> list[int]:
+    """What a cached verdict is valid for: size, mtime, ctime (changes with permissions and owner too),
+    inode (the file replaced by another) and mode."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode]
 
 
 def _read_cache(path: pathlib.Path, cache_key: str) -> dict[str, list]:
@@ -318,7 +339,12 @@ def scan_image_files(
 
     With a ``cache_key`` (from :func:`list_image_files`) verdicts are stored in
     ``<cache_dir>/dali_scan/`` (default ``$SIMMIM_FAST_CACHE`` or ``~/.cache/simmim_fast``) and
-    reused for files whose size and mtime are unchanged.
+    reused for files whose size, mtime, ctime, inode and mode are unchanged (a ``chmod`` or ``chown``
+    changes the ctime). A file that could not be opened or read (permission, I/O) is checked again at
+    every scan: that verdict is about access, which can change without any of those (a parent folder's
+    permissions, another user), so a file that became readable is used again.
+
+    Cache entries: ``path -> [size, mtime_ns, ctime_ns, inode, mode, reason, transient]``.
     """
     paths = [pathlib.Path(f) for f in files]
     cache_path = _cache_file(cache_key, cache_dir) if cache_key else None
@@ -335,26 +361,27 @@ def scan_image_files(
             st = os.stat(p)
         except OSError as exc:
             verdict[key] = f"cannot stat ({type(exc).__name__}: {exc.strerror or exc})"
-            entries[key] = [-1, -1, verdict[key]]
+            entries[key] = [-1, -1, -1, -1, -1, verdict[key], 1]
             continue
         prev = old.get(key)
-        entries[key] = [st.st_size, st.st_mtime_ns, ""]
-        if prev is not None and prev[0] == st.st_size and prev[1] == st.st_mtime_ns:
-            verdict[key] = prev[2]
-            entries[key][2] = prev[2]
+        sig = _file_key(st)
+        entries[key] = sig + ["", 0]
+        if isinstance(prev, list) and len(prev) == 7 and prev[:5] == sig and not prev[6]:
+            verdict[key] = prev[5]
+            entries[key][5] = prev[5]
             cached += 1
         else:
             todo.append(p)
     if todo:
         n_workers = workers or min(16, 4 * (os.cpu_count() or 1))
         if len(todo) < 32 or n_workers <= 1:
-            results = [check_image_file(p) for p in todo]
+            results = [_check_image_file(p) for p in todo]
         else:
             with concurrent.futures.ThreadPoolExecutor(max_workers=n_workers) as pool:
-                results = list(pool.map(check_image_file, todo, chunksize=64))
-        for p, reason in zip(todo, results):
+                results = list(pool.map(_check_image_file, todo, chunksize=64))
+        for p, (reason, transient) in zip(todo, results):
             verdict[str(p)] = reason or ""
-            entries[str(p)][2] = reason or ""
+            entries[str(p)][5:] = [reason or "", int(transient)]
     if cache_path and (todo or set(old) != set(entries)):
         _write_cache(cache_path, cache_key, entries)
     good = [p for p in paths if not verdict[str(p)]]
@@ -369,10 +396,9 @@ def _record_bad_file(cache_key: str | None, cache_dir, path: pathlib.Path, reaso
     cache_path = _cache_file(cache_key, cache_dir)
     entries = _read_cache(cache_path, cache_key)
     try:
-        st = os.stat(path)
-        entries[str(path)] = [st.st_size, st.st_mtime_ns, reason]
+        entries[str(path)] = _file_key(os.stat(path)) + [reason, 0]
     except OSError:
-        entries[str(path)] = [-1, -1, reason]
+        entries[str(path)] = [-1, -1, -1, -1, -1, reason, 1]
     _write_cache(cache_path, cache_key, entries)
 
 
@@ -546,8 +572,12 @@ class DaliBatchLoader:
     :meth:`_start` (pipeline + DALI iterator over data-set indices, each sample's DALI label being its
     index into :attr:`files`) and :meth:`_convert` (one DALI output dict -> the batch tensors).
     Iteration yields ``(*_convert(out, _batch_rng(seed)), skipped)``; a file DALI fails to decode at
-    run time is replaced by the next readable one and counted (see the module docstring).
+    run time is replaced by the next readable one (``ON_FAILURE = "next"``, training) or left out
+    (``"drop"``, evaluation: no image is read twice) and counted (see the module docstring).
     """
+
+    #: what takes the place of a file DALI fails to decode at run time: "next" readable file, or "drop"
+    ON_FAILURE = "next"
 
     def _init_common(
         self, *, batch_size, device, shard_id, num_shards, seed, num_threads, prefetch_queue_depth,
@@ -679,7 +709,8 @@ class DaliBatchLoader:
                 try:
                     self._active = self._start(indices[pos * B:], seed)
                 except Exception as exc:  # decode errors can surface while the first batch is prepared
-                    failures = self._recover(exc, indices, replaced, pos, failures)
+                    failures, indices, replaced, dropped = self._recover(exc, indices, replaced, pos, failures)
+                    pending_skips += dropped
                     continue
                 it = self._active[1]
                 while True:
@@ -688,7 +719,8 @@ class DaliBatchLoader:
                     except StopIteration:
                         break
                     except Exception as exc:
-                        failures = self._recover(exc, indices, replaced, pos, failures)
+                        failures, indices, replaced, dropped = self._recover(exc, indices, replaced, pos, failures)
+                        pending_skips += dropped
                         break
                     sl = slice(pos * B, (pos + 1) * B)
                     skipped = int(replaced[sl].sum()) + pending_skips
@@ -697,8 +729,10 @@ class DaliBatchLoader:
                     yield self._convert(out, batch_rng) + (skipped,)
                 self._active = None
 
-    def _recover(self, exc: Exception, indices: np.ndarray, replaced: np.ndarray, pos: int, failures: int) -> int:
-        """Replace the file a DALI failure names (from batch ``pos`` on); re-raise when none is named."""
+    def _recover(self, exc: Exception, indices: np.ndarray, replaced: np.ndarray, pos: int, failures: int
+                 ) -> tuple[int, np.ndarray, np.ndarray, int]:
+        """Replace (or, ``ON_FAILURE == "drop"``, remove) the file a DALI failure names, from batch ``pos``
+        on; re-raise when none is named. Returns ``(failures, indices, replaced, samples dropped)``."""
         self._active = None
         B = self.batch_size
         window = indices[pos * B:(pos + self.prefetch_queue_depth + 2) * B]
@@ -707,18 +741,26 @@ class DaliBatchLoader:
             why = "no file of the current batches is named in it" if bad is None else f"{failures} failures in this chunk"
             raise RuntimeError(f"DALI pipeline failed ({why}): {exc}") from exc
         self._bad_indices.add(bad)
-        sub = self._substitute(bad)
         rest = indices[pos * B:]
         hit = rest == bad
-        rest[hit] = sub
-        replaced[pos * B:][hit] = True
+        dropped = 0
+        if self.ON_FAILURE == "drop":
+            keep = np.ones(len(indices), dtype=bool)
+            keep[pos * B:] = ~hit
+            indices, replaced = indices[keep], replaced[keep]
+            dropped = int(hit.sum())
+            instead = "left out"
+        else:
+            sub = self._substitute(bad)
+            rest[hit] = sub
+            replaced[pos * B:][hit] = True
+            instead = f"replaced by {self.files[sub].name}"
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         named = [ln for ln in lines if str(self.files[bad]) in ln]
         first_line = (named or lines or [type(exc).__name__])[0]
-        log.info("DALI could not decode %s (%s); replaced by %s and skipped from now on",
-                 self.files[bad], first_line[:200], self.files[sub].name)
+        log.info("DALI could not decode %s (%s); %s and skipped from now on", self.files[bad], first_line[:200], instead)
         _record_bad_file(self._cache_key, self._scan_cache_dir, self.files[bad], f"DALI decode failed: {first_line[:200]}")
-        return failures + 1
+        return failures + 1, indices, replaced, dropped
 
 
 class DaliLoader(DaliBatchLoader):

@@ -398,11 +398,15 @@ class DaliEvalLoader(_ClassificationLoader):
 
     Shard ``shard_id`` of ``num_shards`` reads files ``shard_id, shard_id + num_shards, ...`` in order
     (the torch backend's :class:`ShardSampler`), the last batch partial: over all ranks every readable
-    image is evaluated exactly once, no padding. Iterable any number of times (one pass each).
+    image is evaluated exactly once, no padding. Iterable any number of times (one pass each). A file
+    that fails to decode inside DALI is left out (``ON_FAILURE = "drop"``: never replaced by another
+    image, which would then count twice), counted as skipped, and left out of later passes too.
 
     Equivalent PyTorch: ``DataLoader(ClassificationFolder(root, transform=build_eval_transform(S, ...)),
     sampler=ShardSampler(n, rank=shard_id, world_size=num_shards), collate_fn=classification_collate)``.
     """
+
+    ON_FAILURE = "drop"
 
     def __init__(
         self,
@@ -426,14 +430,20 @@ class DaliEvalLoader(_ClassificationLoader):
         self._init_data(root, classes, img_size=img_size, interpolation=interpolation, scan_cache_dir=scan_cache_dir)
         self._mine = np.arange(self.shard_id, len(self.files), self.num_shards, dtype=np.int64)
 
+    def _readable_mine(self) -> np.ndarray:
+        """This shard's indices without the files DALI failed to decode in an earlier pass."""
+        if not self._bad_indices:
+            return self._mine
+        return self._mine[~np.isin(self._mine, np.fromiter(self._bad_indices, dtype=np.int64))]
+
     @property
     def num_images(self) -> int:
-        """Images this shard evaluates per pass."""
-        return len(self._mine)
+        """Images this shard evaluates per pass (files that failed in DALI left out)."""
+        return len(self._readable_mine())
 
     @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self._mine) // self.batch_size)
+        return -(-self.num_images // self.batch_size)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -442,8 +452,9 @@ class DaliEvalLoader(_ClassificationLoader):
         raise TypeError("DaliEvalLoader: evaluation always reads the whole shard; set_start is for training loaders")
 
     def _chunks(self):
-        if len(self._mine):
-            yield 0, 0, self._mine
+        mine = self._readable_mine()
+        if len(mine):
+            yield 0, 0, mine
 
     def _start(self, indices: np.ndarray, seed: int):
         pipe = build_eval_pipeline(

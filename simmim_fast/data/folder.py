@@ -21,7 +21,9 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-__all__ = ["IMG_EXTENSIONS", "find_images", "SimMIMImageDataset", "simmim_collate"]
+from .decode import to_rgb
+
+__all__ = ["IMG_EXTENSIONS", "find_images", "walk_image_files", "SimMIMImageDataset", "simmim_collate"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,32 +32,96 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 _SEED_MASK = (1 << 63) - 1
 
 
+def _real_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what ``path`` finally points to, or None when it cannot be stat-ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_image_files(root: str | os.PathLike, *, seen: set | None = None, fence: frozenset | set = frozenset()
+                     ) -> list[pathlib.Path]:
+    """Image files under ``root`` in sorted depth-first order, each real file and folder once.
+
+    Symlinked folders and files are followed, but every real folder is entered at most once and every
+    real file listed at most once (identity ``(st_dev, st_ino)``), so a link back to a parent folder
+    (a loop, which ``os.walk(followlinks=True)`` follows until the path is too long) or a second path to
+    the same file (a symlink, a hard link) adds nothing. Of several paths to one file the first in
+    sorted order is kept. ``seen`` carries those identities across calls (one set for several class
+    folders); ``fence`` holds identities of folders never entered below ``root`` (the other class
+    folders and the data root: a link out of one class folder does not take another class's images).
+    Folders that cannot be listed are skipped with a warning; broken links are ignored.
+    """
+    seen = set() if seen is None else seen
+    root = pathlib.Path(root)
+    root_id = _real_id(root)
+    if root_id is None or root_id in seen:
+        return []
+    seen.add(root_id)
+    found: list[pathlib.Path] = []
+    stack: list[tuple[pathlib.Path, list[os.DirEntry], int, int]] = []  # folder, entries, next, st_dev
+
+    def enter(folder: pathlib.Path, dev: int) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            logger.warning("cannot list folder %s (%s: %s); its images are left out", folder, type(exc).__name__,
+                           exc.strerror or exc)
+            entries = []
+        stack.append((folder, entries, 0, dev))
+
+    enter(root, root_id[0])
+    while stack:
+        folder, entries, i, dev = stack[-1]
+        if i == len(entries):
+            stack.pop()
+            continue
+        stack[-1] = (folder, entries, i + 1, dev)
+        entry = entries[i]
+        try:
+            is_dir = entry.is_dir()  # follows symlinks
+            is_file = not is_dir and entry.is_file()
+        except OSError:
+            continue
+        if is_dir:
+            ident = _real_id(entry.path)
+            if ident is not None and ident not in seen and ident not in fence:
+                seen.add(ident)
+                enter(folder / entry.name, ident[0])
+        elif is_file and entry.name.lower().endswith(IMG_EXTENSIONS):
+            try:  # a plain file is on its folder's device and scandir knows its inode: no stat call
+                ident = _real_id(entry.path) if entry.is_symlink() else (dev, entry.inode())
+            except OSError:
+                continue
+            if ident is not None and ident not in seen:
+                seen.add(ident)
+                found.append(folder / entry.name)
+    return found
+
+
 def find_images(root: str | os.PathLike) -> list[pathlib.Path]:
     """All image files under ``root`` (recursive, case-insensitive extension match), sorted.
 
-    Works for an ImageFolder layout (``root/<class>/<img>``) or any folder tree; symlinked
-    folders are followed. Order is deterministic: sorted by path components relative to root.
+    Works for an ImageFolder layout (``root/<class>/<img>``) or any folder tree. Symlinked folders are
+    followed once per real folder and each real file is listed once (:func:`walk_image_files`): a
+    symlink loop neither hangs the scan nor repeats images. Order is deterministic: sorted by path
+    components relative to root.
     """
     root_path = pathlib.Path(root).expanduser()
     if not root_path.exists():
         raise FileNotFoundError(f"--data / root {str(root_path)!r} does not exist")
     if not root_path.is_dir():
         raise ValueError(f"--data / root {str(root_path)!r} is not a directory")
-    found: list[tuple[tuple[str, ...], pathlib.Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root_path, followlinks=True):
-        dirnames.sort()
-        base = pathlib.Path(dirpath)
-        for name in filenames:
-            if name.lower().endswith(IMG_EXTENSIONS):
-                path = base / name
-                found.append((path.relative_to(root_path).parts, path))
+    found = walk_image_files(root_path)
     if not found:
         raise ValueError(
             f"no images found under {str(root_path)!r} (looked recursively for extensions "
             f"{', '.join(IMG_EXTENSIONS)}, case-insensitive)"
         )
-    found.sort(key=lambda item: item[0])
-    return [path for _, path in found]
+    return found
 
 
 def _derive_seed(base_seed: int, index: int) -> int:
@@ -65,10 +131,11 @@ def _derive_seed(base_seed: int, index: int) -> int:
 
 
 def _load_rgb(path: pathlib.Path) -> Image.Image:
-    """Open and fully decode an image as RGB; raises on any problem (including truncation)."""
+    """Open and fully decode an image as 8-bit RGB (16-bit images scaled, :func:`to_rgb`); raises on any
+    problem (including truncation)."""
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 class SimMIMImageDataset(Dataset):

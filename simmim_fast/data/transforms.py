@@ -10,6 +10,8 @@ import torch
 import torchvision.transforms as T
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .decode import to_rgb
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ConvertRGB", "build_pretrain_transform", "denormalize"]
 
 IMAGENET_MEAN: tuple[float, float, float] = tuple(float(v) for v in IMAGENET_DEFAULT_MEAN)
@@ -17,10 +19,11 @@ IMAGENET_STD: tuple[float, float, float] = tuple(float(v) for v in IMAGENET_DEFA
 
 
 class ConvertRGB:
-    """Convert a PIL image to RGB if it is not already (picklable, unlike a lambda)."""
+    """Convert a PIL image to 8-bit RGB if it is not already, 16-bit images scaled (:func:`to_rgb`);
+    picklable, unlike a lambda."""
 
     def __call__(self, img):
-        return img if img.mode == "RGB" else img.convert("RGB")
+        return to_rgb(img)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}()"

@@ -4,15 +4,38 @@ A run killed at any moment leaves only complete ``checkpoint_<step>.pt`` files (
 ``.*.tmp`` of the killed writer, removed by the next run in that folder: ``clean_stale_temps``), so
 resuming takes the newest complete one; ``load_latest`` also steps back past a damaged newest file.
 Before a save the trainers check the weights and optimizer state are finite (``nonfinite_tensors``).
+
+Branches (``plan_resume``). Resuming from a checkpoint at step ``s`` into a run folder that already
+holds checkpoints of later steps (``--resume <output>/checkpoint_<s>.pt`` while ``checkpoint_<t>.pt``,
+``t > s``, is there) starts a new line of training from ``s``. Continuing in the folder would let the
+new line prune the later checkpoints, overwrite them at the same steps, and truncate ``metrics.csv``;
+the next ``--resume`` would then mix the two lines. So:
+
+* without ``--force`` the new line is written to its own run folder ``<output>/branch-<s>/`` (then
+  ``branch-<s>-2``, ``-3``, ... if that exists) holding ``BRANCH.json`` (the parent checkpoint) and
+  copies of the parent's ``metrics.csv``/``eval.csv`` (the new run drops their rows past ``s``). Nothing
+  in ``<output>`` changes: ``--resume`` (auto) on ``<output>`` still continues its own newest checkpoint
+  (and says which branch folders exist); the branch is continued with ``--output <output>/branch-<s>
+  --resume``.
+* with ``--force`` the new line continues in ``<output>`` itself, and what belongs to the later steps
+  is moved, not deleted, into ``<output>/abandoned-<n>/``: the checkpoints and ``reconstruction_<t>.png``
+  of steps after ``s``, a ``best.pt``/``best_ema.pt`` saved after ``s``, and copies of ``metrics.csv``,
+  ``eval.csv``, ``loss.png``.
+
+Resuming the newest checkpoint (``--resume`` auto, or its path) is not a branch; neither is a
+checkpoint from another folder when ``<output>`` holds nothing newer than it.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
-import socket
 import re
+import shutil
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -76,20 +99,46 @@ def clean_stale_temps(output: str | os.PathLike) -> list[Path]:
     return removed
 
 
+class _RecordingFile:
+    """A binary file whose ``write`` remembers the ``OSError`` it raised: torch's zip writer turns a failed
+    write (disk full) into a ``RuntimeError`` about stream positions that no longer names the cause."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` to a temp file, fsync, rename into place. A failing write (disk full, permissions)
-    removes its temp file and leaves the previous checkpoints as they were."""
+    removes its temp file and leaves the previous checkpoints as they were; it raises ``OSError`` with
+    the cause's ``errno`` (``ENOSPC`` for a full disk) and a message naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    rec = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            rec = _RecordingFile(f)
+            torch.save(obj, rec)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else (rec.error if rec is not None else None)
+        if cause is not None and isinstance(e, Exception):
+            raise OSError(cause.errno, f"checkpoint: could not save {path}: {cause.strerror or cause} (the partial "
+                                       f"file was removed; earlier checkpoints are unchanged)") from e
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -177,8 +226,8 @@ def load_latest(output: str | os.PathLike, map_location="cpu") -> tuple[Path, di
             return path, load_checkpoint(path, map_location=map_location), notes
         except serialization.UnsafeCheckpointError:
             raise
-        except ValueError as e:
-            notes.append(f"skipped {path.name}: {e}")
+        except Exception as e:  # damaged: ValueError from the loader, or whatever a garbled pickle raises
+            notes.append(f"skipped {path.name}: {e if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'}")
     if notes:
         raise ValueError(f"--resume: no readable checkpoint in {output} ({'; '.join(notes)})")
     return None
@@ -298,3 +347,191 @@ def merge_resumed(merged: dict, explicit: dict, saved: dict, *, keep: tuple[str,
         if k in out and k not in explicit and k not in keep:
             out[k] = v
     return out
+
+
+# ---- branches -----------------------------------------------------------------------------------
+
+_BRANCH = re.compile(r"^branch-(\d+)(?:-(\d+))?$")
+_ABANDONED = re.compile(r"^abandoned-(\d+)$")
+_STEP_FILES = re.compile(r"^(?:checkpoint_(\d+)\.pt|reconstruction_(\d+)\.png)$")
+_BEST_FILES = ("best.pt", "best_ema.pt")
+_LOG_FILES = ("metrics.csv", "eval.csv", "loss.png")
+BRANCH_INFO = "BRANCH.json"
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a run starts and where it writes (:func:`plan_resume`).
+
+    ``path``/``state``: the checkpoint resumed from (``None`` for a fresh run); ``step`` its step (0 when
+    fresh); ``write_dir``: the run folder this run writes checkpoints, logs and pictures to (``output``,
+    or a new ``branch-<s>`` folder inside it); ``branched_from``: the checkpoint a branch starts at (None
+    when this is no new branch); ``newer``: the later checkpoints of ``output`` that this run leaves alone
+    (branch) or moved aside (``force``); ``moved_to``: the ``abandoned-<n>`` folder (``force``); ``notes``:
+    lines for the log, already logged by :func:`plan_resume` on the main process.
+    """
+
+    path: Path | None
+    state: dict | None
+    step: int
+    write_dir: Path
+    branched_from: Path | None = None
+    newer: tuple[Path, ...] = ()
+    moved_to: Path | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def _state_step(state: dict | None) -> int:
+    try:
+        return int(state.get("step", 0)) if isinstance(state, dict) else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def _file_step(path: Path) -> int | None:
+    """The ``step`` a small checkpoint (``best.pt``) records, read with mmap; None when unreadable."""
+    try:
+        return _state_step(serialization.load(path, mmap=True))
+    except Exception:  # damaged or unsafe: it is not moved, and not ours to judge here
+        return None
+
+
+def branch_folders(output: str | os.PathLike) -> list[Path]:
+    """The ``branch-<s>[-k]`` folders of ``output``, sorted by step and number."""
+    out = Path(output)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = _BRANCH.match(p.name)
+        if m and p.is_dir():
+            found.append(((int(m.group(1)), int(m.group(2) or 1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _new_folder(output: Path, stem: str) -> Path:
+    """``output/<stem>``, else ``<stem>-2``, ``-3``, ... : the first that could be created (atomically)."""
+    k = 1
+    while True:
+        path = output / (stem if k == 1 else f"{stem}-{k}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            k += 1
+
+
+def _next_abandoned(output: Path) -> Path:
+    n = 1 + max((int(m.group(1)) for p in output.iterdir() if (m := _ABANDONED.match(p.name))), default=0)
+    while True:
+        path = output / f"abandoned-{n}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def _start_branch(output: Path, parent: Path, step: int) -> Path:
+    """Create ``output/branch-<step>[-k]`` with ``BRANCH.json`` and copies of the parent's logs."""
+    folder = _new_folder(output, f"branch-{step}")
+    (folder / BRANCH_INFO).write_text(json.dumps(
+        {"parent": str(parent.resolve()), "step": step, "parent_folder": str(output.resolve())}, indent=1) + "\n")
+    for name in ("metrics.csv", "eval.csv"):
+        if (output / name).is_file():
+            shutil.copy2(output / name, folder / name)
+    return folder
+
+
+def _move_aside(output: Path, step: int) -> tuple[Path | None, list[Path]]:
+    """Move what belongs to steps after ``step`` into a new ``abandoned-<n>``; copy the logs there."""
+    later = []
+    for p in sorted(output.iterdir()):
+        m = _STEP_FILES.match(p.name)
+        if m and p.is_file() and int(m.group(1) or m.group(2)) > step:
+            later.append(p)
+        elif p.name in _BEST_FILES and p.is_file():
+            best_step = _file_step(p)
+            if best_step is not None and best_step > step:
+                later.append(p)
+    if not later:
+        return None, []
+    folder = _next_abandoned(output)
+    for name in _LOG_FILES:
+        if (output / name).is_file():
+            shutil.copy2(output / name, folder / name)
+    for p in later:
+        os.replace(p, folder / p.name)
+    return folder, later
+
+
+def plan_resume(resume: str | os.PathLike | None, output: str | os.PathLike, *, force: bool = False,
+                is_main: bool = True, write_dir: str | os.PathLike | None = None) -> ResumePlan:
+    """Where a run in ``output`` starts and where it writes; branches as the module docstring says.
+
+    ``resume``: None (fresh; an error if ``output`` already holds checkpoints), ``"auto"`` (the newest
+    readable checkpoint of ``output``, stepping back past a damaged one; fresh with a warning if there
+    is none), a checkpoint path, or a run folder (its newest readable checkpoint). ``force``: a resume
+    from an older checkpoint continues in ``output`` and moves the later steps' files aside, instead of
+    writing to a new branch folder.
+
+    Only the main process (``is_main``) changes files (temp-file cleanup, the branch folder, the moves)
+    and logs. Other ranks compute the same resume point without side effects and must take the main
+    process's folder, passed as ``write_dir`` (e.g. broadcast with ``all_gather_objects``).
+    """
+    log = logging.getLogger("simmim_fast.checkpoint")
+    output = Path(output)
+    if is_main:
+        for p in clean_stale_temps(output):
+            log.info("removed %s, left by a save that was killed", p)
+    notes: list[str] = []
+    if resume is None:
+        if list_checkpoints(output):
+            raise ValueError(f"--output: {output} already holds checkpoints; pass --resume to continue that run "
+                             f"or choose another --output")
+        return ResumePlan(None, None, 0, Path(write_dir) if write_dir else output)
+    if resume == "auto" or Path(resume).is_dir():
+        folder = output if resume == "auto" else Path(resume)
+        found = load_latest(folder)
+        if found is None:
+            if resume != "auto":
+                raise ValueError(f"--resume: {folder} holds no checkpoint")
+            if is_main:
+                log.warning("--resume: no checkpoint in %s; starting from scratch", output)
+            return ResumePlan(None, None, 0, Path(write_dir) if write_dir else output)
+        path, state, skipped = found
+        notes += [f"--resume: {n}; resuming from {path.name} instead" for n in skipped]
+    else:
+        path, state = Path(resume), load_checkpoint(resume)
+    step = _state_step(state)
+    newer = tuple(p for s, p in list_checkpoints(output) if s > step and p.resolve() != path.resolve())
+    if resume == "auto":  # the newest readable one: anything newer is damaged, and is overwritten in time
+        newer = ()
+    branched_from = moved_to = None
+    target = output
+    if newer:
+        branched_from = path
+        shown = ", ".join(p.name for p in newer[:3]) + (" ..." if len(newer) > 3 else "")
+        if force:
+            if is_main:
+                moved_to, _ = _move_aside(output, step)
+            notes.append(f"--resume --force: continuing {output} from step {step} ({path.name}); the later "
+                         f"checkpoints ({shown}) and their files were moved to {moved_to or output / 'abandoned-<n>'}")
+        else:
+            target = _start_branch(output, path, step) if is_main else output / f"branch-{step}"
+            notes.append(f"--resume: {path.name} (step {step}) is older than {shown} in {output}: this run is a new "
+                         f"branch written to {target} (the later checkpoints stay as they are; pass --force to "
+                         f"continue in {output} and move them to an abandoned-<n> folder). Continue this branch "
+                         f"with --output {target} --resume")
+    elif resume == "auto" and is_main:
+        others = [b for b in branch_folders(output) if list_checkpoints(b)]
+        if others:
+            notes.append(f"--resume: continuing {output}'s own newest checkpoint {path.name}; it also holds "
+                         f"branch folders ({', '.join(b.name for b in others[:3])}"
+                         f"{' ...' if len(others) > 3 else ''}): continue one with --output {others[-1]} --resume")
+    if write_dir is not None:
+        target = Path(write_dir)
+    if is_main:
+        for n in notes:
+            log.warning("%s", n)
+    return ResumePlan(path, state, step, target, branched_from, newer, moved_to, tuple(notes))
