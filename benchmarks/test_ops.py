@@ -11,6 +11,10 @@ Parametrised op x {fwd, fwd+bwd} x {bf16, fp32} x {triton, reference} x {swin_b,
 - ``head_full`` / ``head_masked``: the prediction head and loss from encoder features
   (B, 6, 6, 1024) / (B, 14, 14, 768): ``F.linear`` on every token + ``masked_l1_loss`` vs
   ``masked_head_loss`` (token selection + gather + GEMM on the ~60% masked tokens + fused loss).
+- ``masked_l1_loss_norm``: ``masked_l1_loss`` with SwinV2 SimMIM's normalised targets (``norm_target=47``):
+  float64 integral images + 4 corner reads per masked pixel (Triton) vs the official two 47 x 47
+  ``avg_pool2d`` passes (reference). On CPU at batch 1 unless ``SIMMIM_BENCH_BATCH`` is set (the
+  reference's pooling takes ~0.4 s per image batch of 4 per pass on 2 cores).
 - ``copy``: a device-to-device copy, the bandwidth yardstick for "% of measured bandwidth".
 
 ``extra_info`` records ``bytes`` (what the op must move: inputs read once, outputs written once, the
@@ -44,7 +48,10 @@ SIZES = {
     "vit_b": dict(img=224, patch=16, tok=(14, 14, 768), stride=16, feat=768),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-OPS = ["mask_token_fill", "pixel_shuffle_head", "masked_l1_loss", "head_full", "head_masked"]
+OPS = ["mask_token_fill", "pixel_shuffle_head", "masked_l1_loss", "masked_l1_loss_norm", "head_full", "head_masked"]
+NORM_PATCH = 47  # the official NORM_TARGET.PATCH_SIZE
+#: batch of the normalised-target case: the suite's batch on CUDA or when set, else 1 (CPU rows small)
+NORM_BATCH = BATCH if (CUDA or os.environ.get("SIMMIM_BENCH_BATCH")) else 1
 
 
 def _sync():
@@ -52,10 +59,10 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _mask(size):
+def _mask(size, batch=None):
     cfg = SIZES[size]
     gen = MaskGenerator(input_size=cfg["img"], mask_patch_size=32, model_patch_size=cfg["patch"], mask_ratio=0.6)
-    return gen.generate(BATCH, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(0))
+    return gen.generate(batch or BATCH, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(0))
 
 
 def _randn(*shape, dtype=torch.float32, grad=False):
@@ -89,12 +96,22 @@ def _bytes_loss(n_pred, n_img, e, frac, mask_bytes, bwd):
     return read + n_pred * e + 2 * n_pred * e  # gradient buffer written in forward; backward reads + writes it
 
 
+def _bytes_norm_loss(n_pred, n_img, e, frac, mask_bytes, bwd):
+    """The loss's bytes plus the float64 integral images of x and x**2: written once, read (at least) once
+    for the masked pixels' windows."""
+    return _bytes_loss(n_pred, n_img, e, frac, mask_bytes, bwd) + 2 * 8 * n_img * (1 + frac)
+
+
+def _batch(op):
+    return NORM_BATCH if op == "masked_l1_loss_norm" else BATCH
+
+
 def _setup(op, size, dtype, bwd):
     """Inputs, the callable for one backend and the (bytes, flops) of the case."""
     cfg = SIZES[size]
-    B, img, s = BATCH, cfg["img"], cfg["stride"]
+    B, img, s = _batch(op), cfg["img"], cfg["stride"]
     h = img // s
-    mask = _mask(size)
+    mask = _mask(size, B)
     e = torch.finfo(dtype).bits // 8
     mask_bytes = mask.numel() * mask.element_size()
     if op == "mask_token_fill":
@@ -130,6 +147,15 @@ def _setup(op, size, dtype, bwd):
                 torch.autograd.grad(loss, pred)
 
         return run, _bytes_loss(pred.numel(), images.numel(), e, frac, mask_bytes, bwd), 0
+    if op == "masked_l1_loss_norm":
+        pred = _randn(B, h, h, 3 * s * s, dtype=dtype, grad=bwd)
+
+        def run(backend):
+            loss = ops.masked_l1_loss(pred, images, mask, norm_target=NORM_PATCH, backend=backend)
+            if bwd:
+                torch.autograd.grad(loss, pred)
+
+        return run, _bytes_norm_loss(pred.numel(), images.numel(), e, frac, mask_bytes, bwd), 0
     # prediction head + loss from encoder features
     Fdim, K = cfg["feat"], 3 * s * s
     feats = _randn(B, h, h, Fdim, dtype=dtype, grad=bwd)
@@ -176,7 +202,8 @@ def test_op(benchmark, op, mode, dtype_name, backend, size):
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(
         op=op, mode=mode, dtype=dtype_name, backend=backend, size=size, device=str(DEVICE),
-        batch=BATCH, batch_source=BATCH_SOURCE, bytes=int(nbytes), gbps=nbytes / mean / 1e9,
+        batch=_batch(op), batch_source=BATCH_SOURCE if _batch(op) == BATCH else "norm-target default (CPU: 1)",
+        bytes=int(nbytes), gbps=nbytes / mean / 1e9,
     )
     if flops:
         benchmark.extra_info.update(flops=int(flops), tflops=flops / mean / 1e12)

@@ -22,7 +22,8 @@ from simmim_fast.ops import _common, launch_log
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not _common.HAS_TRITON, reason="needs triton")
 
-KERNELS = {"_fill_fwd_kernel", "_fill_fwd_cf_kernel", "_fill_bwd_kernel", "_loss_kernel", "_shuffle_kernel"}
+KERNELS = {"_fill_fwd_kernel", "_fill_fwd_cf_kernel", "_fill_bwd_kernel", "_loss_kernel", "_shuffle_kernel",
+           "_integral_kernel", "_targets_kernel"}  # the last two: normalised targets (ops/norm_target.py)
 
 
 @pytest.fixture(scope="module")

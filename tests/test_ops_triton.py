@@ -396,6 +396,31 @@ def test_masked_head_partial_tokens_exact():
         torch.testing.assert_close(a, b, **head_mod.TOLERANCES[torch.float32]["grad"])
 
 
+@pytest.mark.parametrize("dtype,head", [(torch.float32, "full"), (torch.bfloat16, "masked"), (torch.float16, "masked")])
+def test_norm_target_loss_at_swin_geometry(dtype, head):
+    """Normalised targets (patch 47) at Swin's s = 32 and a 192 px image width (the training launches that
+    ``kernel_check --op-tests`` compiles); the other cases are in tests/test_norm_target.py."""
+    B, h, w, Fdim, C, s = 1, 2, 6, 8, 3, 32
+    feats = _randn((B, h, w, Fdim), 110, dtype).requires_grad_(True)
+    weight = (_randn((C * s * s, Fdim), 111) * 0.2).to(dtype).requires_grad_(True)
+    images = _randn((B, C, h * s, w * s), 112)
+    mask = _mask((B, h, w), 113)
+    if head == "masked":
+        index = ops.masked_token_index(mask, (h, w), (h * s, w * s))
+        got = ops.masked_head_loss(feats, weight, None, images, mask, token_index=index, norm_target=47, backend="triton")
+    else:
+        got = ops.masked_l1_loss(F.linear(feats, weight), images, mask, norm_target=47, backend="triton")
+    exp = ops.masked_l1_loss_reference(F.linear(feats, weight), images, mask, norm_target=47)
+    tol = head_mod.TOLERANCES[dtype]
+    torch.testing.assert_close(got, exp, **tol["loss"])
+    for a, b in zip(torch.autograd.grad(got, (feats, weight)), torch.autograd.grad(exp, (feats, weight))):
+        torch.testing.assert_close(a, b, **tol["grad"])
+    if head == "full":  # the targets alone (model.targets, pictures)
+        nt_tol = importlib.import_module("simmim_fast.ops.norm_target").TOLERANCES["reference"]
+        torch.testing.assert_close(ops.normalize_targets(images, patch_size=47, backend="triton"),
+                                   ops.normalize_targets_reference(images, patch_size=47), **nt_tol)
+
+
 # ----------------------------------------------------------------------------------------------------
 # dispatch
 

@@ -9,15 +9,16 @@ from .window_attention import WindowAttention, swap_window_attention
 __all__ = ["PRESETS", "DEFAULT_PRESET", "Preset", "Recipe", "SimMIM", "create_model", "get_preset",
            "WindowAttention", "swap_window_attention"]
 
-_WRAPPER_KEYS = ("loss", "predict", "in_chans", "masked_head")
+_WRAPPER_KEYS = ("loss", "predict", "in_chans", "masked_head", "norm_target", "check_head_tokens")
 
 
 def create_model(preset: str, *, ops_backend: str = "auto", **overrides) -> SimMIM:
     """The SimMIM model of a preset (see ``PRESETS``), with encoder keyword ``overrides``.
 
     ``loss`` (``"l1"``, ``"l2"``, ``"smooth_l1"``) and ``predict`` (``"masked"``, ``"all"``) set the
-    paper's ablation knobs; other overrides go to the encoder (e.g. ``img_size``, ``drop_path_rate``,
-    ``window_size``, ``depths``). An unknown preset raises ``ValueError`` listing the known ones.
+    paper's ablation knobs; ``norm_target=47`` regresses SwinV2 SimMIM's normalised targets (``None``:
+    pixels); ``masked_head`` / ``check_head_tokens`` go to :class:`SimMIM` too; other overrides go to
+    the encoder (e.g. ``img_size``, ``drop_path_rate``, ``window_size``, ``depths``). An unknown preset raises ``ValueError`` listing the known ones.
     """
     p = get_preset(preset)
     wrapper = {k: overrides.pop(k) for k in _WRAPPER_KEYS if k in overrides}

@@ -15,6 +15,10 @@ encoder's token grid, ``forward`` runs the head on the tokens holding masked pix
 (``ops.masked_head_loss``: gather -> GEMM -> fused loss), same loss and gradients as the full head.
 It is decided per call (``ops.masked_head_plan``), off while ``torch.compile`` traces the model (the
 number of gathered tokens is data-dependent) and can be switched off with ``model.masked_head = False``.
+
+Normalised targets (``norm_target=47``, SwinV2 SimMIM's ``NORM_TARGET``): the loss regresses each
+masked pixel normalised by its 47 x 47 neighbourhood (``ops.normalize_targets``); ``predict`` then
+returns predictions in that normalised space and ``targets(images)`` what they are compared with.
 """
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import masked_head_loss, masked_head_plan, masked_l1_loss, pixel_shuffle_head
+from ..ops import masked_head_loss, masked_head_plan, masked_l1_loss, normalize_targets, pixel_shuffle_head
+from ..ops.masked_head import check_token_index
 from ..ops.masked_l1_loss import LOSSES, REGIONS
+from ..ops.norm_target import check_norm_target
 
 
 class SimMIM(nn.Module):
@@ -37,8 +43,16 @@ class SimMIM(nn.Module):
         predict: str = "masked",
         ops_backend: str = "auto",
         masked_head: bool = True,
+        norm_target: int | None = None,
+        check_head_tokens: bool | None = None,
     ):
+        """``norm_target``: None (regress pixels, official SimMIM) or the patch size of SwinV2 SimMIM's
+        normalised targets (official 47). ``check_head_tokens``: how ``forward`` checks the values of a
+        ``head_tokens`` index (``ops.check_token_index``'s ``content``: None = CPU indices only)."""
         super().__init__()
+        check_norm_target(norm_target)
+        if check_head_tokens is not None and not isinstance(check_head_tokens, bool):
+            raise TypeError(f"check_head_tokens: expected None, True or False, got {check_head_tokens!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
         if predict not in REGIONS:
@@ -51,6 +65,8 @@ class SimMIM(nn.Module):
         self.predict_region = predict
         self.ops_backend = ops_backend
         self.masked_head = masked_head
+        self.norm_target = norm_target
+        self.check_head_tokens = check_head_tokens
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, encoder_stride**2 * in_chans, kernel_size=1),
             nn.PixelShuffle(encoder_stride),
@@ -107,15 +123,26 @@ class SimMIM(nn.Module):
         ``head_tokens``: the masked-only head's token index, ``masked_head_tokens(images, mask)``
         computed by the caller where it is free, e.g. on the loader's CPU copy of the mask; without
         it the model decides itself, which synchronises with the device on CUDA (the gathered token
-        count is data-dependent). The training loop passes it on CUDA.
+        count is data-dependent). The training loop passes it on CUDA. It must be exactly the tokens
+        holding masked pixels (``ops.check_token_index``): dtype, shape, device and count are always
+        checked (ValueError), its values when it is on the CPU (or always with
+        ``check_head_tokens=True``, which synchronises on CUDA; never with False).
         """
         self._check(images, mask)
         if head_tokens is not None:
-            if head_tokens.dim() != 1 or head_tokens.dtype != torch.int64 or head_tokens.device != images.device:
+            if (not isinstance(head_tokens, torch.Tensor) or head_tokens.dim() != 1
+                    or head_tokens.dtype != torch.int64 or head_tokens.device != images.device):
+                got = (f"{tuple(head_tokens.shape)} {head_tokens.dtype} on {head_tokens.device}"
+                       if isinstance(head_tokens, torch.Tensor) else type(head_tokens).__name__)
                 raise ValueError(
-                    f"head_tokens: expected a 1-D int64 index on {images.device} (from masked_head_tokens), "
-                    f"got {tuple(head_tokens.shape)} {head_tokens.dtype} on {head_tokens.device}"
+                    f"head_tokens: expected a 1-D int64 index on {images.device} (from masked_head_tokens), got {got}"
                 )
+            if self.predict_region != "masked":
+                raise ValueError(f"head_tokens: the masked-only head needs predict='masked', this model predicts "
+                                 f"{self.predict_region!r} (every token)")
+            h, w = self.img_size[0] // self.encoder_stride, self.img_size[1] // self.encoder_stride
+            check_token_index(head_tokens, mask, (h, w), tuple(images.shape[2:]), device=images.device,
+                              name="head_tokens", content=self.check_head_tokens)
             index = head_tokens
         else:
             index = self.masked_head_tokens(images, mask)  # decided before the encoder runs
@@ -123,11 +150,13 @@ class SimMIM(nn.Module):
         weight, bias = self._head_params()
         if index is not None:
             return masked_head_loss(
-                z, weight, bias, images, mask, token_index=index, loss=self.loss_type, backend=self.ops_backend
+                z, weight, bias, images, mask, token_index=index, loss=self.loss_type, norm_target=self.norm_target,
+                check_index=False, backend=self.ops_backend,  # checked above (or the model's own plan)
             )
         pred = F.linear(z, weight, bias)  # (B, h, w, C*s*s)
         return masked_l1_loss(
-            pred, images, mask, loss=self.loss_type, region=self.predict_region, backend=self.ops_backend
+            pred, images, mask, loss=self.loss_type, region=self.predict_region, norm_target=self.norm_target,
+            backend=self.ops_backend,
         )
 
     @torch.no_grad()
@@ -136,6 +165,14 @@ class SimMIM(nn.Module):
         self._check(images, mask)
         pred = self._head(images, mask)
         return pixel_shuffle_head(pred, in_chans=self.in_chans, backend=self.ops_backend).float()
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` float32: what ``predict``'s output is compared with (the images, or their
+        normalised targets with ``norm_target``)."""
+        if self.norm_target is None:
+            return images.float()
+        return normalize_targets(images, patch_size=self.norm_target, backend=self.ops_backend)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

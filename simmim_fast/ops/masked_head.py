@@ -15,7 +15,15 @@ tokens, i.e. 40% fewer head FLOPs and bytes, same loss and same gradients (for t
 weight and bias) up to float summation order. The loss reads the gathered rows directly (the Triton
 kernel of ``masked_l1_loss`` with a token index). It is exact for any mask (a partially masked token
 is gathered and weighted per pixel); :func:`masked_head_plan` says when it pays, and the SimMIM model
-uses it automatically then.
+uses it automatically then. ``norm_target`` (SwinV2's normalised targets) works as in ``masked_l1_loss``.
+
+``token_index`` must be exactly the set :func:`masked_token_index` gives (any order, each token once):
+a missing token would drop its pixels from the loss, a duplicate count them twice, an unmasked one add
+nothing but work. :func:`check_token_index` checks it: type, dtype, shape, device and the count bound
+``N <= B*h*w`` always (no device sync); the range and the set itself (one ``bincount`` against the mask)
+when the index is on the CPU and not under ``torch.compile``, or on any device with
+``check_index=True`` (a debug switch: on CUDA it synchronises with the device). The trainer moves an
+index computed from the CPU mask to the GPU, so its hot path pays only the cheap checks.
 """
 from __future__ import annotations
 
@@ -31,7 +39,9 @@ from .masked_l1_loss import (
     check_options,
     fused_loss,
     per_element_loss,
+    targets,
 )
+from .norm_target import check_norm_target, norm_target_reasons
 
 OP = "masked_head_loss"
 
@@ -95,11 +105,67 @@ def masked_head_plan(
     return index, ""
 
 
+def check_token_index(
+    token_index,
+    mask: torch.Tensor,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    *,
+    device: torch.device,
+    name: str = "token_index",
+    content: bool | None = None,
+) -> None:
+    """Check that ``token_index`` lists exactly the tokens of the ``grid`` holding masked pixels, each once.
+
+    Always (from shapes, no device sync): a 1-D int64 tensor (TypeError otherwise) on ``device`` with at
+    most ``B*h*w`` entries (ValueError). ``content``: also the values (range ``[0, B*h*w)``, no duplicate,
+    no masked token missing, no token without a masked pixel; ValueError listing every kind found) --
+    ``None`` checks them when the index is on the CPU and ``torch.compile`` is not tracing, ``True``
+    always (synchronises with a CUDA device), ``False`` never.
+    """
+    if not isinstance(token_index, torch.Tensor) or token_index.dtype != torch.int64 or token_index.dim() != 1:
+        is_tensor = isinstance(token_index, torch.Tensor)
+        got = f"{tuple(token_index.shape)} {token_index.dtype}" if is_tensor else type(token_index).__name__
+        raise TypeError(f"{name}: expected a 1-D int64 tensor of flattened (B, h, w) token indices, got {got}")
+    if token_index.device != torch.device(device):
+        raise ValueError(f"{name}: on {token_index.device}, expected {device}")
+    B, (h, w) = mask.shape[0], grid
+    total = B * h * w
+    if token_index.numel() > total:
+        raise ValueError(f"{name}: {token_index.numel()} indices for {total} tokens (B*h*w = {B}*{h}*{w}): duplicates")
+    if content is None:
+        content = token_index.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not content or torch.compiler.is_compiling():
+        return
+    reasons = []
+    if token_index.numel():
+        bad = token_index[(token_index < 0) | (token_index >= total)]
+        if bad.numel():
+            raise ValueError(
+                f"{name}: {bad.numel()} indices outside [0, {total}) (B*h*w = {B}*{h}*{w}), e.g. {bad[:5].tolist()}"
+            )
+    counts = torch.bincount(token_index, minlength=total)
+    expected = token_mask(mask, grid, image_size).flatten().to(counts.device)
+    for what, sel in (
+        ("listed more than once", counts > 1),
+        ("holding masked pixels missing", expected & (counts == 0)),
+        ("without a masked pixel listed", ~expected & (counts > 0)),
+    ):
+        found = sel.nonzero().squeeze(1)
+        if found.numel():
+            reasons.append(f"{found.numel()} tokens {what}, e.g. {found[:5].tolist()}")
+    if reasons:
+        raise ValueError(
+            f"{name}: expected each token holding masked pixels exactly once (masked_token_index(mask, {tuple(grid)}, "
+            f"{tuple(image_size)})): " + "; ".join(reasons)
+        )
+
+
 # ----------------------------------------------------------------------------------------------------
 # checks, reference, op
 
 
-def _check_inputs(features, weight, bias, images, mask, token_index, eps, loss, beta) -> int:
+def _check_inputs(features, weight, bias, images, mask, token_index, eps, loss, beta, norm_target, check_index) -> int:
     check_float("features", features)
     check_float("weight", weight)
     if features.dim() != 4:
@@ -119,19 +185,21 @@ def _check_inputs(features, weight, bias, images, mask, token_index, eps, loss, 
         check_float("bias", bias)
         if bias.shape != (C * s * s,):
             raise ValueError(f"bias: expected shape ({C * s * s},), got {tuple(bias.shape)}")
-    if token_index is not None:
-        if not isinstance(token_index, torch.Tensor) or token_index.dtype != torch.int64 or token_index.dim() != 1:
-            raise TypeError("token_index: expected a 1-D int64 tensor of flattened (B, h, w) token indices")
-        if token_index.device != features.device:
-            raise ValueError(f"token_index: on {token_index.device}, features on {features.device}")
     check_options(eps, loss, "masked", beta)
+    check_norm_target(norm_target, (H, W))
+    if check_index is not None and not isinstance(check_index, bool):
+        raise TypeError(f"check_index: expected None, True or False, got {check_index!r}")
+    if token_index is not None:
+        check_token_index(token_index, mask, (h, w), (H, W), device=features.device, content=check_index)
     return s
 
 
-def not_supported_reasons(features, weight, images, mask) -> list[str]:
+def not_supported_reasons(features, weight, images, mask, *, norm_target: int | None = None) -> list[str]:
     """Every reason why the Triton loss cannot take the gathered rows of these inputs (empty: it can)."""
     reasons = device_reasons(features, weight, images, mask)
     reasons += size_reasons(images=images, mask=mask)
+    if norm_target is not None:
+        reasons += norm_target_reasons(images)
     rows = features.shape[0] * features.shape[1] * features.shape[2]
     if rows * weight.shape[0] > INT32_LIMIT:
         reasons.append(f"the head output ({rows} x {weight.shape[0]}) is larger than the kernels' int32 indexing allows")
@@ -140,17 +208,19 @@ def not_supported_reasons(features, weight, images, mask) -> list[str]:
     return reasons
 
 
-def masked_rows_loss_reference(pred_rows, token_index, images, mask, *, eps=1e-5, loss="l1", beta=1.0):
+def masked_rows_loss_reference(
+    pred_rows, token_index, images, mask, *, eps=1e-5, loss="l1", beta=1.0, norm_target=None
+):
     """The reference loss of gathered prediction rows ``(N, C*s*s)`` of tokens ``token_index``.
 
-    Gathers the matching pixels and full-resolution mask values (PixelShuffle order) and applies the
-    official formula; ``m.sum()`` counts the whole mask.
+    Gathers the matching pixels (or normalised targets of the whole image) and full-resolution mask
+    values (PixelShuffle order) and applies the official formula; ``m.sum()`` counts the whole mask.
     """
     B, C, H, W = images.shape
     N, K = pred_rows.shape
     s = math.isqrt(K // C)
     m_pix = upsample_mask(mask, (H, W)).to(torch.float32)  # (B, H, W)
-    x_tok = F.pixel_unshuffle(images.float(), s).permute(0, 2, 3, 1).reshape(-1, C, s * s)
+    x_tok = F.pixel_unshuffle(targets(images, norm_target), s).permute(0, 2, 3, 1).reshape(-1, C, s * s)
     m_tok = F.pixel_unshuffle(m_pix.unsqueeze(1), s).permute(0, 2, 3, 1).reshape(-1, 1, s * s)
     x_rows = x_tok.index_select(0, token_index)
     m_rows = m_tok.index_select(0, token_index)
@@ -171,16 +241,20 @@ def masked_head_loss_reference(
     eps: float = 1e-5,
     loss: str = "l1",
     beta: float = 1.0,
+    norm_target: int | None = None,
+    check_index: bool | None = None,
     backend: str = "reference",
 ) -> torch.Tensor:
     """Plain PyTorch twin of :func:`masked_head_loss` (gather + ``F.linear`` + reference loss of the rows)."""
-    _check_inputs(features, weight, bias, images, mask, token_index, eps, loss, beta)
+    _check_inputs(features, weight, bias, images, mask, token_index, eps, loss, beta, norm_target, check_index)
     B, h, w, Fdim = features.shape
     if token_index is None:
         token_index = masked_token_index(mask, (h, w), tuple(images.shape[2:]))
     rows = features.reshape(B * h * w, Fdim).index_select(0, token_index)
     pred_rows = F.linear(rows, weight, bias)
-    return masked_rows_loss_reference(pred_rows, token_index, images, mask, eps=eps, loss=loss, beta=beta)
+    return masked_rows_loss_reference(
+        pred_rows, token_index, images, mask, eps=eps, loss=loss, beta=beta, norm_target=norm_target
+    )
 
 
 def masked_head_loss(
@@ -194,27 +268,35 @@ def masked_head_loss(
     eps: float = 1e-5,
     loss: str = "l1",
     beta: float = 1.0,
+    norm_target: int | None = None,
+    check_index: bool | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """SimMIM loss of the linear head run only on the tokens that hold masked pixels.
 
     ``token_index`` (from :func:`masked_head_plan` / :func:`masked_token_index`; computed from the
-    mask when None) must list every token holding a masked pixel, each once. Differentiable in
-    ``features``, ``weight`` and ``bias``.
+    mask when None) must list every token holding a masked pixel, each once, in any order: checked by
+    :func:`check_token_index` (its values on CPU indices, or anywhere with ``check_index=True``; see the
+    module doc). ``norm_target``: as in ``masked_l1_loss``. Differentiable in ``features``, ``weight``
+    and ``bias``.
 
     Equivalent PyTorch::
 
-        masked_l1_loss(F.linear(features, weight, bias), images, mask, eps=eps, loss=loss, beta=beta)
+        masked_l1_loss(F.linear(features, weight, bias), images, mask, eps=eps, loss=loss, beta=beta,
+                       norm_target=norm_target)
     """
-    _check_inputs(features, weight, bias, images, mask, token_index, eps, loss, beta)
-    reasons = not_supported_reasons(features, weight, images, mask)
+    _check_inputs(features, weight, bias, images, mask, token_index, eps, loss, beta, norm_target, check_index)
+    reasons = not_supported_reasons(features, weight, images, mask, norm_target=norm_target)
     if resolve_backend(OP, backend, reasons, features, weight, images, mask) == "reference":
         return masked_head_loss_reference(
-            features, weight, bias, images, mask, token_index=token_index, eps=eps, loss=loss, beta=beta
+            features, weight, bias, images, mask, token_index=token_index, eps=eps, loss=loss, beta=beta,
+            norm_target=norm_target, check_index=False,
         )
     B, h, w, Fdim = features.shape
     if token_index is None:
         token_index = masked_token_index(mask, (h, w), tuple(images.shape[2:]))
     rows = features.reshape(B * h * w, Fdim).index_select(0, token_index)
     pred_rows = F.linear(rows, weight, bias)
-    return fused_loss(pred_rows, images, mask, token_index, eps=eps, loss=loss, region="masked", beta=beta)
+    return fused_loss(
+        pred_rows, images, mask, token_index, eps=eps, loss=loss, region="masked", beta=beta, norm_target=norm_target
+    )

@@ -15,6 +15,11 @@ unmasked pixels never enter the loss, a NaN there included (both backends; the o
 would propagate it).
 ``loss`` selects the per-element regression loss of the paper's ablation (``"l1"``, ``"l2"``,
 ``"smooth_l1"`` with ``beta``); ``region="all"`` is the reconstruct-all variant (``m`` = 1).
+``norm_target=p`` regresses SwinV2 SimMIM's normalised targets instead of the pixels (``NORM_TARGET``:
+each pixel normalised by the mean and unbiased variance of its ``p x p`` neighbourhood, official p = 47;
+``norm_target.py``); the targets are not differentiated. Predictions and targets at unmasked pixels
+still never enter; image values at unmasked pixels do enter the statistics of the masked pixels whose
+window holds them (the official definition; non-finite images: see ``norm_target.py``).
 
 Triton path: one program per token reads the mask of the token's ``s x s`` pixels at the mask's own
 grid (never upsampled in memory); a token without a masked pixel reads nothing else and writes
@@ -26,6 +31,9 @@ upstream scalar: backward is one multiplication of that buffer (as Liger's fused
 The buffer has ``pred``'s dtype, float32 for float16 ``pred`` (the scaled values are float16
 subnormals at real sizes; a GradScaler multiplies them only in backward).
 The same kernel reads gathered rows (``token_index``) for the masked-only head (``masked_head.py``).
+With ``norm_target`` one Triton pass per image plane first writes float64 integral images of the
+pixels and their squares; the loss kernel turns a masked pixel into its target with 4 corner reads
+of each (``norm_target.window_target``): the two pooled images of the official code never exist.
 """
 from __future__ import annotations
 
@@ -53,7 +61,11 @@ from ._common import (
     upsample_mask,
 )
 from ._library import register
+from .norm_target import check_norm_target, integral_images, norm_target_reasons, normalize_targets_reference
 from .pixel_shuffle_head import head_stride
+
+if HAS_TRITON:
+    from .norm_target import window_target
 
 OP = "masked_l1_loss"
 LOSSES = ("l1", "l2", "smooth_l1")
@@ -64,6 +76,10 @@ MAX_TILE = 16384  # s*s pixels of one token in one tile
 #: in another order (rtol 1e-5). The gradient is ``dloss(pred - x) * m / ((m.sum() + eps) * C)``
 #: computed in float32 and rounded once to ``pred``'s dtype, as the reference's; the float32 scale
 #: may differ by an ulp, which can move a low-precision rounding by one ulp (2^-8 bf16, 2^-11 fp16).
+#: With ``norm_target`` the same tolerances hold against the reference loss for inputs whose windows have a
+#: variance of at least ~0.1 (the targets then agree to ``norm_target.TOLERANCES["reference"]``); where a
+#: prediction lies within that distance of its target an l1/smooth_l1 gradient element may take the other
+#: sign (tests allow exactly those elements, nothing else).
 TOLERANCES = {
     torch.float32: dict(loss=dict(rtol=1e-5, atol=1e-6), grad=dict(rtol=1e-5, atol=1e-7)),
     torch.bfloat16: dict(loss=dict(rtol=1e-5, atol=1e-6), grad=dict(rtol=8e-3, atol=1e-7)),
@@ -76,19 +92,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _loss_kernel(
-        pred_ptr, img_ptr, mask_ptr, idx_ptr, scale_ptr, part_ptr, grad_ptr,
-        h, w, s, rh, rw, beta,
+        pred_ptr, img_ptr, mask_ptr, idx_ptr, scale_ptr, part_ptr, grad_ptr, s1_ptr, s2_ptr,
+        h, w, s, rh, rw, beta, r,
         p_sb, p_sy, p_sx, p_sk,
         i_sb, i_sc, i_sy, i_sx,
         m_sb, m_sy, m_sx,
         C: tl.constexpr, LOSS: tl.constexpr, ALL: tl.constexpr, GATHERED: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        BLOCK_P: tl.constexpr,
+        NORM: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """One token per program: its C x (s*s) values; partial loss -> part[pid], gradient -> grad row pid.
 
         ``C`` (image channels, 3 in practice) is a compile-time constant: the channel loop is unrolled
         (``static_range``), which also keeps runtime-bounded ``range`` loops out of the kernel (triton
         3.6's interpreter fails on those with NumPy >= 2.4).
+        ``NORM``: the target of a masked pixel is its normalised value (window radius ``r``) from the
+        integral images ``s1``/``s2`` ((B, C, H, W) float64, contiguous); unmasked pixels read none.
         """
         pid = tl.program_id(0)
         hw = h * w
@@ -117,7 +135,8 @@ if HAS_TRITON:
         else:
             m = tl.load(mask_ptr + b * m_sb + (Y // rh) * m_sy + (X // rw) * m_sx, mask=pm, other=0)
             m = m.to(tl.float32)
-        nz = tl.sum((m != 0).to(tl.int32), axis=0)
+        keep = m != 0  # an unmasked pixel never counts, a NaN there included (the reference's contract)
+        nz = tl.sum(keep.to(tl.int32), axis=0)
         grow = pid * C * ss
         if nz > 0:
             scale = tl.load(scale_ptr)
@@ -126,6 +145,8 @@ if HAS_TRITON:
             for c in tl.static_range(C):
                 pr = tl.load(pred_ptr + prow + (c * ss + p) * p_sk, mask=pm, other=0).to(tl.float32)
                 xv = tl.load(img_ptr + pix + c * i_sc, mask=pm, other=0).to(tl.float32)
+                if NORM:
+                    xv = window_target(s1_ptr, s2_ptr, b * C + c, Y, X, h * s, w * s, r, xv, pm & keep)
                 d = pr - xv
                 sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
                 if LOSS == 0:
@@ -139,7 +160,6 @@ if HAS_TRITON:
                     small = ad < beta
                     val = tl.where(small, 0.5 * d * d / beta, ad - 0.5 * beta)
                     gr = tl.where(small, d / beta, sgn)
-                keep = m != 0  # an unmasked pixel never counts, a NaN there included (the reference's contract)
                 acc += tl.where(keep, val * m, 0.0)
                 if WRITE_GRAD:
                     tl.store(grad_ptr + grow + c * ss + p, cast_to(tl.where(keep, gr * m * scale, 0.0), grad_ptr.dtype.element_ty), mask=pm)
@@ -167,7 +187,7 @@ def _denominator(mask, B, H, W, eps, region_all):
     return msum.to(torch.float32) + eps
 
 
-def _forward_impl(launch, pred, images, mask, token_index, eps, loss, region_all, beta, compute_grad):
+def _forward_impl(launch, pred, images, mask, token_index, eps, loss, region_all, beta, compute_grad, norm_target):
     B, C, H, W, s = _geometry(pred, images)
     gathered = token_index is not None
     n_rows = token_index.shape[0] if gathered else B * (H // s) * (W // s)
@@ -184,13 +204,17 @@ def _forward_impl(launch, pred, images, mask, token_index, eps, loss, region_all
         else:
             p_strides = pred.stride()
             idx = part  # unused (GATHERED=False)
+        if norm_target:
+            s1, s2 = integral_images(launch, images)  # once per batch; read at 4 corners per masked pixel
+        else:
+            s1 = s2 = part  # unused (NORM=False)
         block_p = next_pow2(s * s)
         launch(_loss_kernel)[(n_rows,)](
-            pred, images, m, idx, scale, part, grad if compute_grad else part,
-            H // s, W // s, s, H // m.shape[1], W // m.shape[2], float(beta),
+            pred, images, m, idx, scale, part, grad if compute_grad else part, s1, s2,
+            H // s, W // s, s, H // m.shape[1], W // m.shape[2], float(beta), int(norm_target) // 2,
             *p_strides, *images.stride(), *m.stride(),
             C=C, LOSS=_LOSS_CODE[loss], ALL=bool(region_all), GATHERED=gathered, WRITE_GRAD=bool(compute_grad),
-            BLOCK_P=block_p, num_warps=8 if block_p >= 1024 else 4,
+            NORM=bool(norm_target), BLOCK_P=block_p, num_warps=8 if block_p >= 1024 else 4,
         )
     value = part.sum() / denom / C
     return value, grad
@@ -212,6 +236,7 @@ def _forward_fake(
     region_all: bool,
     beta: float,
     compute_grad: bool,
+    norm_target: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_shape = pred.shape if compute_grad else (0,)
     return pred.new_empty((), dtype=torch.float32), pred.new_empty(grad_shape, dtype=grad_buffer_dtype(pred.dtype))
@@ -239,11 +264,13 @@ def _autograd(traceable: bool):
 _FWD = register("masked_l1_loss", _forward_impl, _forward_fake, autograd=_autograd)
 
 
-def fused_loss(pred, images, mask, token_index, *, eps, loss, region, beta):
-    """Run the Triton loss (inputs already checked and capable). ``token_index``: gathered rows or None."""
+def fused_loss(pred, images, mask, token_index, *, eps, loss, region, beta, norm_target=None):
+    """Run the Triton loss (inputs already checked and capable). ``token_index``: gathered rows or None;
+    ``norm_target``: None or the patch size of the normalised targets."""
     compute_grad = torch.is_grad_enabled() and pred.requires_grad
     value, _ = _FWD.pick(pred, images, mask)(
-        pred, images, mask, token_index, float(eps), loss, region == "all", float(beta), compute_grad
+        pred, images, mask, token_index, float(eps), loss, region == "all", float(beta), compute_grad,
+        int(norm_target or 0),
     )
     return value
 
@@ -277,7 +304,14 @@ def check_images_and_mask(images, mask, *, grid: bool = True) -> tuple[int, int,
     return B, C, H, W
 
 
-def _check_inputs(pred, images, mask, eps, loss, region, beta) -> int:
+def targets(images: torch.Tensor, norm_target: int | None) -> torch.Tensor:
+    """What the reference losses compare with: ``images.float()``, or its normalised targets (not differentiated)."""
+    if norm_target is None:
+        return images.float()
+    return normalize_targets_reference(images.detach(), patch_size=norm_target)
+
+
+def _check_inputs(pred, images, mask, eps, loss, region, beta, norm_target=None) -> int:
     check_float("pred", pred)
     check_same_batch(pred=pred, images=images, mask=mask)
     B, C, H, W = check_images_and_mask(images, mask, grid=False)
@@ -289,13 +323,18 @@ def _check_inputs(pred, images, mask, eps, loss, region, beta) -> int:
         )
     check_grid("mask", tuple(mask.shape[1:]), (H, W), "image size (H, W)")
     check_options(eps, loss, region, beta)
+    check_norm_target(norm_target, (H, W))
     return s
 
 
-def not_supported_reasons(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> list[str]:
+def not_supported_reasons(
+    pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, *, norm_target: int | None = None
+) -> list[str]:
     """Every reason why the Triton kernel cannot take these inputs (empty: it can)."""
     reasons = device_reasons(pred, images, mask)
     reasons += size_reasons(pred=pred, images=images, mask=mask)
+    if norm_target is not None:
+        reasons += norm_target_reasons(images)
     if images.dim() == 4 and images.shape[1] > 0 and pred.shape[-1] // images.shape[1] > MAX_TILE:
         reasons.append(f"a token's s*s = {pred.shape[-1] // images.shape[1]} pixels exceed one tile ({MAX_TILE})")
     return reasons
@@ -318,16 +357,18 @@ def masked_l1_loss_reference(
     loss: str = "l1",
     region: str = "masked",
     beta: float = 1.0,
+    norm_target: int | None = None,
     backend: str = "reference",
 ) -> torch.Tensor:
     """Plain PyTorch twin of :func:`masked_l1_loss` (same signature, ``backend`` ignored).
 
-    Materialises the shuffled prediction and the full-resolution mask, as the official code does.
+    Materialises the shuffled prediction, the full-resolution mask and (``norm_target``) the official
+    normalised targets of the whole image, as the official code does.
     """
-    s = _check_inputs(pred, images, mask, eps, loss, region, beta)
+    s = _check_inputs(pred, images, mask, eps, loss, region, beta, norm_target)
     C, H, W = images.shape[1:]
     x_rec = F.pixel_shuffle(pred.permute(0, 3, 1, 2), s).float()
-    x = images.float()
+    x = targets(images, norm_target)
     if region == "all":
         per_elem = per_element_loss(x_rec, x, loss, beta)
         return per_elem.sum() / (per_elem[:, :1].numel() + eps) / C
@@ -349,20 +390,25 @@ def masked_l1_loss(
     loss: str = "l1",
     region: str = "masked",
     beta: float = 1.0,
+    norm_target: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """SimMIM loss over masked pixels, from the head output in token layout ``(B, h, w, C*s*s)``.
 
-    Returns a float32 scalar, differentiable in ``pred``.
+    Returns a float32 scalar, differentiable in ``pred``. ``norm_target``: None (regress the pixels) or an
+    odd patch size >= 3 (official 47): regress SwinV2 SimMIM's normalised targets (``norm_target.py``).
 
     Equivalent PyTorch::
 
         m = mask.repeat_interleave(H // mh, 1).repeat_interleave(W // mw, 2).unsqueeze(1).float()
         x_rec = F.pixel_shuffle(pred.permute(0, 3, 1, 2), s).float()
-        ((x_rec - images).abs() * m).sum() / (m.sum() + eps) / C
+        x = norm_targets(images, norm_target) if norm_target else images  # official models/simmim.py
+        ((x_rec - x).abs() * m).sum() / (m.sum() + eps) / C
     """
-    _check_inputs(pred, images, mask, eps, loss, region, beta)
-    reasons = not_supported_reasons(pred, images, mask)
+    _check_inputs(pred, images, mask, eps, loss, region, beta, norm_target)
+    reasons = not_supported_reasons(pred, images, mask, norm_target=norm_target)
     if resolve_backend(OP, backend, reasons, pred, images, mask) == "reference":
-        return masked_l1_loss_reference(pred, images, mask, eps=eps, loss=loss, region=region, beta=beta)
-    return fused_loss(pred, images, mask, None, eps=eps, loss=loss, region=region, beta=beta)
+        return masked_l1_loss_reference(
+            pred, images, mask, eps=eps, loss=loss, region=region, beta=beta, norm_target=norm_target
+        )
+    return fused_loss(pred, images, mask, None, eps=eps, loss=loss, region=region, beta=beta, norm_target=norm_target)
