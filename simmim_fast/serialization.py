@@ -133,5 +133,5 @@ def load(path: os.PathLike | str, *, map_location: Any = "cpu", mmap: bool = Fal
             raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({first}; {e})") from e
         except Exception as e:
             raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({e})") from e
-    except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file, ...
+    except Exception as e:  # truncated, garbled, not a torch file (RuntimeError, EOFError, IndexError, ...)
         raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e

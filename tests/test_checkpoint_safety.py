@@ -179,3 +179,14 @@ def test_a_killed_saves_temp_file_filling_the_disk_is_removed_at_start_others_ar
     assert plan.path == ckpt.checkpoint_path(out, 1) and not killed.exists()
     assert all(p.exists() for p in not_ours) and live.exists()
     ckpt.atomic_save({"step": 2, "w": torch.ones(200_000)}, ckpt.checkpoint_path(out, 2))
+
+
+@pytest.mark.parametrize("data", [b"\x80", b"\x80\x02]q\x00(", b"PK\x03\x04garbage"])
+def test_short_garbage_file_is_a_clean_error(tmp_path, data):
+    """A few garbled bytes (IndexError / EOFError / RuntimeError inside torch.load) -> ValueError naming the file."""
+    from simmim_fast import serialization
+
+    p = tmp_path / "checkpoint_00000001.pt"
+    p.write_bytes(data)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        serialization.load(p)

@@ -61,6 +61,9 @@ def test_names_agree_with_the_modules_that_use_them():
     assert names.MASK_STRATEGIES == STRATEGIES and names.DATA_BACKENDS == DATA_BACKENDS
     assert (names.LOSSES, names.REGIONS, names.ATTN_BACKENDS, names.POOLS) == (LOSSES, REGIONS, ATTN_BACKENDS, POOLS)
     assert names.PRECISIONS == ("auto", *PRECISIONS)
+    from simmim_fast.models.presets import RECIPES
+
+    assert names.RECIPES == RECIPES
 
 
 def test_one_declaration_gives_the_dataclass_the_parser_and_the_help():
@@ -75,7 +78,7 @@ def test_one_declaration_gives_the_dataclass_the_parser_and_the_help():
         assert all(o.flag in help_text for o in cmd.options)
     assert "(default: 2)" in TRAIN.build_parser().format_help()  # --keep-checkpoints, once
     assert TRAIN.not_resumed == ("output", "resume", "max_steps", "device", "num_workers", "threads",
-                                 "log_all_ranks", "data_backend")
+                                 "log_all_ranks", "data_backend", "force")
 
 
 def test_heavy_names_are_still_importable_from_the_cli_modules():

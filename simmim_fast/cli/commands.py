@@ -62,6 +62,20 @@ WEIGHT_DECAY = Option("weight_decay", float, range=NON_NEGATIVE, help="AdamW wei
 CLIP_GRAD = Option("clip_grad", float, range=NON_NEGATIVE, help="gradient-norm clip; 0 disables", default_help=RECIPE)
 DROP_PATH = Option("drop_path", float, range=RATE, help="stochastic depth rate", default_help="the preset's")
 LOG_EVERY = Option("log_every", int, 10, range=POSITIVE, help="optimizer steps between log lines")
+RECIPE_RULES = Option("recipe", str, choices=names.RECIPES,
+                      help="official: the microsoft/SimMIM code exactly (its weight-decay sets, the lr one step behind "
+                           "the schedule, its ViT init); clean: those deliberate deviations removed (README)",
+                      default_help="the preset's: official for the official configs, clean for the *_cpu presets")
+FORCE = Option("force", bool, False, resumed=False,
+               help="with --resume from a checkpoint older than others in --output: continue in --output and move "
+                    "the later steps' files into <output>/abandoned-<n>/ (default: write a new branch-<step>/ folder)")
+
+
+def odd_patch(value: int) -> str | None:
+    """None for a valid normalised-target window (odd, >= 3: the official count correction needs 2+ pixels)."""
+    return None if value >= 3 and value % 2 == 1 else "an odd window size >= 3"
+
+
 KEEP_CHECKPOINTS = Option("keep_checkpoints", int, 2, range=NON_NEGATIVE, help="newest checkpoints kept; 0 keeps all")
 
 # finetune and linear_probe
@@ -114,6 +128,11 @@ TRAIN = Command(
         Option("vis_every", int, 0, range=NON_NEGATIVE,
                help="optimizer steps between reconstruction PNGs; 0: only at the end"),
         Option("vis_images", int, 4, range=POSITIVE, help="images per reconstruction PNG"),
+        RECIPE_RULES, FORCE,
+        Option("norm_target", int, const="47", check=odd_patch,
+               help="regress normalised targets (SwinV2 SimMIM's NORM_TARGET): each target pixel normalised by the "
+                    "mean and variance of its PATCH x PATCH neighbourhood; the flag alone means 47 (official)",
+               default_help="off: raw pixels"),
     ),
     rules=(Rule(("mask_patch_size", "img_size"), lambda mps, size: size % mps == 0,
                 "{mask_patch_size} must divide --img-size {img_size}"),),
@@ -159,7 +178,7 @@ FINETUNE = Command(
         Option("reprob", float, range=PROBABILITY, help="random erasing probability", default_help=RECIPE),
         Option("ema", bool, False, help="keep an EMA of the weights and evaluate it too"),
         Option("ema_decay", float, 0.9999, range=FRACTION, help="EMA decay per step"),
-        LOG_EVERY, KEEP_CHECKPOINTS,
+        LOG_EVERY, KEEP_CHECKPOINTS, FORCE,
     ),
     rules=(Rule(("batch_size", "mixup", "cutmix"), lambda b, mixup, cutmix: (mixup == 0 and cutmix == 0) or b % 2 == 0,
                 "mixup/cutmix need an even batch size per process, got {batch_size}"),),
@@ -189,7 +208,7 @@ LINEAR_PROBE = Command(
         Option("momentum", float, 0.9, range=RATE, help="SGD momentum"),
         replace(IMG_SIZE, default_help="the pretraining size (the only one allowed)"),
         Option("precompute", bool, False, help="extract the features once (center crops, no augmentation): much faster"),
-        PRECISION, DEVICE, SEED, NUM_WORKERS, LOG_EVERY,
+        PRECISION, DEVICE, SEED, NUM_WORKERS, LOG_EVERY, FORCE,
     ),
 )
 

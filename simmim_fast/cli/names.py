@@ -5,11 +5,13 @@ they agree, so a preset or backend added there and not here fails a test instead
 """
 from __future__ import annotations
 
-PRESETS = ("swin_base_192", "swin_base_192_800ep", "swin_large_192", "vit_base_224", "swin_tiny_cpu",
-           "vit_tiny_cpu")  # models.presets.PRESETS
+PRESETS = ("swin_base_192", "swin_base_192_800ep", "swin_large_192", "vit_base_224", "swinv2_base_192",
+           "swinv2_large_192", "swinv2_huge_192", "swinv2_giant_192", "swin_tiny_cpu", "vit_tiny_cpu",
+           "swinv2_tiny_cpu")  # models.presets.PRESETS
 DEFAULT_PRESET = "swin_tiny_cpu"  # models.presets.DEFAULT_PRESET
 FINETUNE_PRESETS = ("swin_base_224", "swin_base_192", "swin_base_224_800ep", "swin_large_224", "vit_base_224",
-                    "swin_tiny_cpu", "vit_tiny_cpu")  # models.classifier.FINETUNE_PRESETS
+                    "swinv2_base_224", "swin_tiny_cpu", "vit_tiny_cpu",
+                    "swinv2_tiny_cpu")  # models.classifier.FINETUNE_PRESETS
 DEFAULT_FINETUNE_PRESET = "swin_tiny_cpu"  # models.classifier.DEFAULT_FINETUNE_PRESET
 
 MASK_STRATEGIES = ("random", "square", "block")  # data.masking.STRATEGIES
@@ -21,3 +23,4 @@ OPS_BACKENDS = ("auto", "triton", "reference")  # the ops' backend argument
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # "auto" + jobs.pretrain.PRECISIONS
 MIXUP_MODES = ("batch", "pair", "elem")  # timm Mixup modes (data.classification.build_mixup)
 POOLS = ("mean", "tokens")  # jobs.probe.POOLS
+RECIPES = ("official", "clean")  # models.presets.RECIPES

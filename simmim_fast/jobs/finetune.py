@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import os
 import random
@@ -151,6 +152,8 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, info: 
     k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correctk, loss sum, count
     for images, labels, _ in loader:
+        if labels.numel() == 0:  # every file of this batch was unreadable (left out, counted by the loader)
+            continue
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with autocast:
@@ -221,8 +224,9 @@ def val_data(val_dir, classes, *, backend: str, img_size: int, batch_size: int, 
 
 def val_loader(val_dir, classes, *, img_size: int, batch_size: int, workers: int, info: DistInfo,
                interpolation: str = "bicubic", crop: bool = True) -> tuple[ClassificationFolder, DataLoader]:
+    # unreadable validation files are left out (never replaced by another image): each image counts once
     ds = ClassificationFolder(val_dir, transform=build_eval_transform(img_size, interpolation=interpolation, crop=crop),
-                              classes=classes)
+                              classes=classes, on_unreadable="drop")
     loader = DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank=info.rank, world_size=info.world_size),
                         num_workers=workers, collate_fn=classification_collate, pin_memory=info.device.type == "cuda",
                         generator=torch.Generator())  # its worker seed must not come from (and advance) the global RNG
@@ -299,7 +303,14 @@ def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> di
     # ---- resume point ------------------------------------------------------------------------
     if info.is_main:
         run_scope.enter_context(ckpt.run_lock(output))
-    resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)
+    rp = ckpt.plan_resume(a.resume, output, force=a.force, is_main=info.is_main)  # older checkpoint: a branch folder
+    if info.distributed:  # every rank writes where rank 0 decided
+        rp = dataclasses.replace(rp, write_dir=Path(all_gather_objects(str(rp.write_dir), info)[0]))
+    resume_path, state = rp.path, rp.state
+    if rp.write_dir != output:
+        output = rp.write_dir
+        if info.is_main:
+            run_scope.enter_context(ckpt.run_lock(output))
     if state is not None:
         if state.get("format") != FINETUNE_FORMAT:
             raise ValueError(f"--resume: {resume_path} is not a fine-tuning checkpoint of this CLI")

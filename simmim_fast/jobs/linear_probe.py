@@ -7,6 +7,7 @@ folders of older versions (files named by epoch) resume too.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB
 from ..models.interchange import load_pretraining_model, read_checkpoint
 from ..training import checkpoint as ckpt
 from ..training.cli import TrainingDiverged
-from ..training.distributed import DistInfo, barrier, cleanup, init_distributed
+from ..training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from ..training.optim import WarmupScheduler
 from ..training.sampler import ResumableSampler
 from .finetune import PRECISIONS, EvalLog, default_workers, evaluate, resolve_data, resolve_precision, seed_everything
@@ -87,6 +88,8 @@ def _train_transform(img_size: int) -> T.Compose:
 def _extract(probe: LinearProbe, loader, device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
     for images, y, _ in loader:
+        if y.numel() == 0:  # a batch of unreadable files only (left out)
+            continue
         with autocast:
             feats.append(probe.features(images.to(device)))
         labels.append(y.to(device))
@@ -110,7 +113,10 @@ def _run(a: ProbeArgs, info: DistInfo) -> dict:
     if bad:
         raise ValueError(f"--output: {bad}")
     # the newest readable checkpoint (stepping back past a damaged one), a given file, or a fresh run
-    resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)
+    rp = ckpt.plan_resume(a.resume, output, force=a.force, is_main=info.is_main)  # older checkpoint: a branch folder
+    if info.distributed:  # every rank writes where rank 0 decided
+        rp = dataclasses.replace(rp, write_dir=Path(all_gather_objects(str(rp.write_dir), info)[0]))
+    resume_path, state, output = rp.path, rp.state, rp.write_dir
     if state is not None and state.get("format") != PROBE_FORMAT:
         raise ValueError(f"--resume: {resume_path} is not a linear-probe checkpoint")
 
@@ -127,7 +133,7 @@ def _run(a: ProbeArgs, info: DistInfo) -> dict:
     autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     workers = default_workers(a.num_workers, device)
     eval_tf = build_eval_transform(img_size)
-    val_ds = ClassificationFolder(val_dir, transform=eval_tf, classes=classes)
+    val_ds = ClassificationFolder(val_dir, transform=eval_tf, classes=classes, on_unreadable="drop")  # each image once
     val_dl = DataLoader(val_ds, batch_size=a.batch_size, sampler=ShardSampler(len(val_ds), rank=info.rank, world_size=info.world_size),
                         num_workers=workers, collate_fn=classification_collate, generator=torch.Generator())
     train_ds = ClassificationFolder(train_dir, transform=eval_tf if a.precompute else _train_transform(img_size), classes=classes)

@@ -7,6 +7,7 @@ checks the result with the CLI's rules (``cli.commands.TRAIN``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from ..models import create_model, get_preset
 from ..training import checkpoint as ckpt
 from ..training.cli import TrainingDiverged, quiet_other_ranks
 from ..training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from ..training.memory import check_step_memory
 from ..training.metrics import MetricsLog
 from ..training.optim import WarmupScheduler, build_optimizer
 from ..training.plot import write_loss_plot
@@ -63,6 +65,7 @@ class Plan:
     clip_grad: float
     precision: str
     num_workers: int
+    recipe: str  # "official" | "clean" (models.presets.RECIPES)
 
 
 def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
@@ -85,6 +88,7 @@ def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
         mask_ratio=v["mask_ratio"], lr=v["base_lr"] * scale, warmup_lr=v["warmup_lr"] * scale,
         min_lr=v["min_lr"] * scale, warmup_epochs=v["warmup_epochs"], weight_decay=v["weight_decay"],
         clip_grad=v["clip_grad"], precision=precision, num_workers=workers,
+        recipe=a.recipe or get_preset(a.preset).default_recipe,
     )
 
 
@@ -150,19 +154,32 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
     device = info.device
     set_threads(device=device, requested=a.threads, num_workers=plan.num_workers, log_it=info.is_main)
 
-    # ---- resume point -------------------------------------------------------------------
+    # ---- resume point (an older checkpoint starts a branch folder, see training.checkpoint) --------
     if info.is_main:
         run_scope.enter_context(ckpt.run_lock(output))
-    resume_path, state = ckpt.resume_point(a.resume, output, is_main=info.is_main)
+    rp = ckpt.plan_resume(a.resume, output, force=a.force, is_main=info.is_main)
+    if info.distributed:  # every rank writes where rank 0 decided
+        rp = dataclasses.replace(rp, write_dir=Path(all_gather_objects(str(rp.write_dir), info)[0]))
+    resume_path, state = rp.path, rp.state
+    if rp.write_dir != output:
+        output = rp.write_dir
+        if info.is_main:
+            run_scope.enter_context(ckpt.run_lock(output))
     if state is not None and state.get("args", {}).get("preset") != a.preset:
         raise ValueError(f"--resume: {resume_path} was trained with preset {state['args'].get('preset')!r}, not {a.preset!r}")
+    if state is not None:  # checkpoints written before --recipe existed ran the clean rules
+        was = state.get("args", {}).get("recipe") or "clean"
+        if was != plan.recipe:
+            raise ValueError(f"--recipe: {resume_path} was trained with --recipe {was}, not {plan.recipe} "
+                             f"(the optimizer's parameter groups differ); pass --recipe {was}")
 
     torch.manual_seed(a.seed + info.rank)
     # ---- model ---------------------------------------------------------------------------
-    overrides = {"img_size": plan.img_size, "loss": a.loss, "predict": a.predict}
+    overrides = {"img_size": plan.img_size, "loss": a.loss, "predict": a.predict, "norm_target": a.norm_target,
+                 "init": plan.recipe}
     if a.drop_path is not None:
         overrides["drop_path_rate"] = a.drop_path
-    if get_preset(a.preset).arch == "swin":
+    if get_preset(a.preset).arch in ("swin", "swinv2"):
         overrides["attn_backend"] = a.attn_backend
     elif a.attn_backend != "auto":
         raise ValueError(f"--attn-backend: only Swin presets have window attention; {a.preset} is a ViT")
@@ -172,6 +189,11 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
     if plan.mask_patch_size % model.patch_size:
         raise ValueError(f"--mask-patch-size: {plan.mask_patch_size} must be a multiple of the model patch size {model.patch_size}")
     model.to(device)
+    # fail fast on a batch that cannot fit (a simulated step on fake tensors; skipped with a warning if it cannot run)
+    check_step_memory(model, device=device, batch_size=plan.batch_size, precision=plan.precision,
+                      accum_steps=a.accum_steps, world_size=info.world_size,
+                      share=int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1,
+                      mask_patch_size=plan.mask_patch_size, mask_ratio=plan.mask_ratio, clip_grad=plan.clip_grad)
 
     # ---- data ----------------------------------------------------------------------------
     data_root = a.data
@@ -208,11 +230,13 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
     last_step = min(total_steps, a.max_steps) if a.max_steps else total_steps
 
     recipe = get_preset(a.preset).recipe
-    optimizer = build_optimizer(model, lr=plan.lr, weight_decay=plan.weight_decay, betas=recipe.betas, eps=recipe.eps)
+    optimizer = build_optimizer(model, lr=plan.lr, weight_decay=plan.weight_decay, betas=recipe.betas, eps=recipe.eps,
+                                recipe=plan.recipe)
     scheduler = WarmupScheduler(
         optimizer, base_lr=plan.lr, warmup_lr=plan.warmup_lr, min_lr=plan.min_lr, total_steps=total_steps,
         warmup_steps=int(plan.warmup_epochs * steps_per_epoch), kind=recipe.scheduler,
         milestones=tuple(m * steps_per_epoch for m in recipe.milestones), gamma=recipe.gamma,
+        recipe=plan.recipe, accum_steps=a.accum_steps,
     )
     amp_dtype = PRECISIONS[plan.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
@@ -249,9 +273,9 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
     metrics = MetricsLog(output, resume_step=step) if info.is_main else None
     if info.is_main:
         log.info(
-            "preset %s on %s x%d, %s | %d image files from %s (%s; unreadable ones are skipped and named) | batch %d x %d ranks x %d accum = %d | lr %.3g | "
+            "preset %s (recipe %s) on %s x%d, %s | %d image files from %s (%s; unreadable ones are skipped and named) | batch %d x %d ranks x %d accum = %d | lr %.3g | "
             "%d steps/epoch, %d epochs, running steps %d..%d | output %s",
-            a.preset, device, info.world_size, plan.precision, n_images, data_root, data_backend, plan.batch_size,
+            a.preset, plan.recipe, device, info.world_size, plan.precision, n_images, data_root, data_backend, plan.batch_size,
             info.world_size, a.accum_steps, plan.batch_size * info.world_size * a.accum_steps, plan.lr,
             steps_per_epoch, plan.epochs, step + 1, last_step, output,
         )
@@ -314,7 +338,9 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
         with autocast:
             pred = net.predict(images, masks)
         net.train()
-        save_reconstruction_grid(output / f"reconstruction_{step:08d}.png", images, masks, pred)
+        # with normalised targets the prediction lives in target space: picture it against the targets
+        shown = net.targets(images) if a.norm_target else images
+        save_reconstruction_grid(output / f"reconstruction_{step:08d}.png", shown, masks, pred)
 
     try:
         if step < last_step:

@@ -20,6 +20,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from ..data.decode import to_rgb
 from ..data.folder import find_images
 from ..data.masking import STRATEGIES, MaskGenerator
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB
@@ -89,7 +90,8 @@ def load_model(state: dict, path: PathLike = "checkpoint") -> torch.nn.Module:
             f"--checkpoint: {path} is not a simmim-fast pretraining checkpoint (missing {e}; "
             "expected keys model, args, plan)"
         ) from None
-    overrides = {"img_size": img_size, "loss": args.get("loss", "l1"), "predict": args.get("predict", "masked")}
+    overrides = {"img_size": img_size, "loss": args.get("loss", "l1"), "predict": args.get("predict", "masked"),
+                 "norm_target": args.get("norm_target")}
     if args.get("drop_path") is not None:
         overrides["drop_path_rate"] = args["drop_path"]
     model = create_model(preset, **overrides)
@@ -132,7 +134,7 @@ def collect_images(paths: Sequence[PathLike]) -> list[pathlib.Path]:
 def _load_rgb(path: pathlib.Path) -> Image.Image:
     with Image.open(path) as img:
         img.load()  # fully decode: truncated files fail here
-        return img.convert("RGB")
+        return to_rgb(img)  # 16-bit images scaled to 8 bits, as the training data are
 
 
 @dataclass
@@ -225,10 +227,11 @@ def reconstruct_with_stats(
     with torch.no_grad():
         loss = float(model(batch, mask_d).item())
         pred = model.predict(batch, mask_d)
+        shown = model.targets(batch)  # the images, or their normalised targets (what pred is compared with)
 
     if output is None:
         output = ckpt_path.parent / f"reconstruction_{ckpt_path.stem}.png"
-    out = save_reconstruction_grid(output, batch.cpu(), mask, pred.cpu(), max_images=batch.shape[0])
+    out = save_reconstruction_grid(output, shown.cpu(), mask, pred.cpu(), max_images=batch.shape[0])
     region = "masked pixels" if model.predict_region == "masked" else "all pixels"
     return Reconstruction(output=pathlib.Path(out), checkpoint=ckpt_path, loss=loss,
                           loss_name=f"{model.loss_type} on {region}", images=used, skipped=skipped,

@@ -485,8 +485,8 @@ def check_fits(estimate: MemoryEstimate, device: str | torch.device, *, safety: 
     else:
         fit = estimate.largest_batch(budget + held)
     mode = estimate.precision + (", gradient checkpointing" if estimate.grad_checkpointing else "")
-    head = (f"--batch-size: a training step at batch {B} ({mode}) needs about {need / GiB:.2f} GiB more on {device} "
-            f"({estimate.summary()}), but {free / GiB:.2f} GiB are free there"
+    head = (f"--batch-size: a training step at batch {B} ({mode}) needs about {need / GiB:.2f} GiB on {device} beyond "
+            f"the weights already there ({estimate.summary()}), but {free / GiB:.2f} GiB are free there"
             + (f" for {share} processes" if share > 1 else "") + f" and a step may plan on {safety:.0%} of it")
     if fit < 1:
         raise ValueError(head + "; not even batch 1 fits: use gradient checkpointing (--grad-checkpointing), "
