@@ -24,3 +24,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # "auto" + jobs.pretrain.PRECISIO
 MIXUP_MODES = ("batch", "pair", "elem")  # timm Mixup modes (data.classification.build_mixup)
 POOLS = ("mean", "tokens")  # jobs.probe.POOLS
 RECIPES = ("official", "clean")  # models.presets.RECIPES
+COMPILE_MODES = ("auto", "off", "blocks", "model")  # training.compile.COMPILE_MODES
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # training.compile.COMPILE_BACKENDS
+CUDA_GRAPH_MODES = ("auto", "on", "off")  # training.cuda_graphs.CUDA_GRAPH_MODES

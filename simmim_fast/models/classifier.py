@@ -3,7 +3,9 @@
 A classifier is a plain timm network (``SwinTransformer`` or ``Beit``) built from the pretraining
 preset's encoder with the fine-tuning changes of the official configs (``configs/*finetune*``):
 Swin 192 px window 6 -> 224 px window 7 (Swin-L: window 14), drop-path 0.1 (Swin-L 0.2), average
-pooling + linear head; ViT: one relative-position bias per block (the shared pretraining table is
+pooling + linear head; SwinV2 (``simmim_finetune__swinv2_base__img224_window14__800ep``, microsoft/
+Swin-Transformer): 192 px window 12 -> 224 px window 14 with ``pretrained_window_sizes`` 12-12-12-6 (see
+"SwinV2 window change" below), layer decay 0.75; ViT: one relative-position bias per block (the shared pretraining table is
 copied into each, official ``remap_pretrained_keys_vit``), mean pooling of the patch tokens with a
 fresh fc-norm (``USE_MEAN_POOLING``), head initialised at 0.001 scale. Being plain timm networks,
 fine-tuned checkpoints export to timm unchanged.
@@ -11,6 +13,16 @@ fine-tuned checkpoints export to timm unchanged.
 Shapes
     images  (B, 3, S, S)  normalised (ImageNet mean/std), S = the preset's (or overridden) img_size
     logits  (B, num_classes)
+
+SwinV2 window change. Nothing is resized: the CPB-MLP that makes the position bias is a function of
+the (log-spaced) relative coordinates, so its weights load unchanged into any window; only the
+non-persistent ``relative_coords_table`` / ``relative_position_index`` buffers are rebuilt, by timm,
+for the fine-tuning window. What the official recipe changes, and ``classifier_spec`` does too, is
+``pretrained_window_sizes``: each stage's offsets are divided by ``pretrained window - 1`` instead of
+``window - 1`` before the ``log2`` spacing, so an offset of the pretraining window keeps its
+pretraining coordinate and larger ones extrapolate beyond +-8. ``classifier_spec`` takes them from the
+pretraining preset (each stage's window in use at the pretraining size: 12-12-12-6 for 192 px window
+12, the official list) whatever ``--window-size`` is.
 
 ``build_classifier(spec)`` rebuilds a network from the JSON-able ``spec`` stored in fine-tuning
 checkpoints; ``load_pretrained(model, source)`` fills it from any pretraining checkpoint (ours, the
@@ -30,7 +42,7 @@ from .presets import get_preset
 log = logging.getLogger("simmim_fast.classifier")
 
 __all__ = ["FinetuneRecipe", "FinetunePreset", "FINETUNE_PRESETS", "DEFAULT_FINETUNE_PRESET", "get_finetune_preset",
-           "classifier_spec", "build_classifier", "load_pretrained"]
+           "classifier_spec", "build_classifier", "load_pretrained", "pretraining_windows"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,15 @@ FINETUNE_PRESETS: dict[str, FinetunePreset] = {
             "ViT-B/16 224 px, per-block rel-pos bias, mean pooling (simmim_finetune__vit_base__img224__800ep); paper: 83.8",
         ),
         FinetunePreset(
+            "swinv2_base_224", "swinv2_base_192", dict(window_size=14),
+            # Swin-Transformer configs/simmim/simmim_finetune__swinv2_base__img224_window14__800ep.yaml over its
+            # config.py (augmentations, label smoothing 0.1, test crop: the FinetuneRecipe defaults)
+            FinetuneRecipe(img_size=224, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7,
+                           min_lr=2.5e-7, weight_decay=0.05, layer_decay=0.75, drop_path=0.1),
+            "SwinV2-B 224 px window 14 (pretrained windows 12-12-12-6) after 800-ep pretraining "
+            "(simmim_finetune__swinv2_base__img224_window14__800ep)",
+        ),
+        FinetunePreset(
             "swin_tiny_cpu", "swin_tiny_cpu", dict(window_size=7),
             # not an official config: lr gives 1e-3 at batch 16; short schedule, official augmentations
             FinetuneRecipe(img_size=224, epochs=10, warmup_epochs=1, base_lr=3.2e-2, warmup_lr=3.2e-5, min_lr=3.2e-4,
@@ -120,6 +141,12 @@ FINETUNE_PRESETS: dict[str, FinetunePreset] = {
             FinetuneRecipe(img_size=224, epochs=10, warmup_epochs=1, base_lr=3.2e-2, warmup_lr=3.2e-5, min_lr=3.2e-4,
                            layer_decay=0.65, drop_path=0.1, batch_size=16),
             "small BEiT-style ViT from vit_tiny_cpu pretraining, official ViT-B fine-tuning layout",
+        ),
+        FinetunePreset(
+            "swinv2_tiny_cpu", "swinv2_tiny_cpu", dict(window_size=14),
+            FinetuneRecipe(img_size=224, epochs=10, warmup_epochs=1, base_lr=3.2e-2, warmup_lr=3.2e-5, min_lr=3.2e-4,
+                           layer_decay=0.75, drop_path=0.1, batch_size=16),
+            "small SwinV2 from swinv2_tiny_cpu pretraining, 192/window 12 -> 224/window 14 as the official SwinV2-B recipe",
         ),
     ]
 }
@@ -135,6 +162,7 @@ def get_finetune_preset(name: str) -> FinetunePreset:
 
 _SWIN_ARGS = ("img_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "qkv_bias",
               "drop_path_rate")
+_SWINV2_ARGS = _SWIN_ARGS + ("pretrained_window_sizes",)
 _VIT_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "init_values",
              "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias", "drop_path_rate")
 
@@ -161,30 +189,49 @@ def classifier_spec(
     enc["drop_path_rate"] = p.recipe.drop_path if drop_path is None else drop_path
     _positive_int("--img-size", enc["img_size"])
     if window_size is not None:
-        if p.arch != "swin":
+        if p.arch not in ("swin", "swinv2"):
             raise ValueError(f"--window-size: only Swin presets have a window size, {p.name!r} is a ViT")
         _positive_int("--window-size", window_size)
         enc["window_size"] = window_size
+    if p.arch == "swinv2" and "pretrained_window_sizes" not in p.overrides:
+        enc["pretrained_window_sizes"] = pretraining_windows(p.pretrain_preset)
     if not isinstance(enc["drop_path_rate"], (int, float)) or not 0.0 <= enc["drop_path_rate"] < 1.0:
         raise ValueError(f"--drop-path: expected a rate in [0, 1), got {enc['drop_path_rate']!r}")
     patch = enc["patch_size"]
-    stride = patch * (2 ** (len(enc["depths"]) - 1) if p.arch == "swin" else 1)
+    stride = patch * (2 ** (len(enc["depths"]) - 1) if p.arch in ("swin", "swinv2") else 1)
     if enc["img_size"] % stride:
         raise ValueError(f"--img-size: {enc['img_size']} must be a multiple of the encoder stride {stride} of {p.name!r}")
-    names = _SWIN_ARGS if p.arch == "swin" else _VIT_ARGS
+    names = {"swin": _SWIN_ARGS, "swinv2": _SWINV2_ARGS}.get(p.arch, _VIT_ARGS)
     kwargs = {k: (list(enc[k]) if isinstance(enc[k], tuple) else enc[k]) for k in names if k in enc}
     kwargs.update(num_classes=int(num_classes), global_pool="avg")
     return {"arch": p.arch, "kwargs": kwargs, "preset": p.name}
+
+
+def pretraining_windows(pretrain_preset: str) -> tuple[int, ...]:
+    """Each stage's window in use when a SwinV2 pretraining preset runs at its recipe's size.
+
+    The official rule (a stage no larger than its window is one window of the whole stage):
+    ``min(window, stage resolution)``; ``swinv2_base_192`` gives ``(12, 12, 12, 6)``, the
+    ``PRETRAINED_WINDOW_SIZES`` of the official SwinV2 fine-tuning configs.
+    """
+    pp = get_preset(pretrain_preset)
+    if pp.arch != "swinv2":
+        raise ValueError(f"pretrain_preset: {pretrain_preset!r} is not a SwinV2 preset")
+    enc = pp.encoder
+    grid = pp.recipe.img_size // enc["patch_size"]
+    return tuple(min(int(enc["window_size"]), grid // 2**s) for s in range(len(enc["depths"])))
 
 
 ATTN_BACKENDS = ("auto", "xformers", "sdpa", "math", "timm")
 
 
 def build_classifier(spec: dict, *, attn_backend: str = "auto") -> nn.Module:
-    """A timm ``SwinTransformer`` / ``Beit`` classifier from ``classifier_spec(...)``'s output.
+    """A timm ``SwinTransformer`` / ``SwinTransformerV2`` / ``Beit`` classifier from ``classifier_spec(...)``'s output.
 
     Swin: ``attn_backend`` other than ``"timm"`` swaps timm's window attention for ours
-    (``swap_window_attention``: same parameters and keys; xformers on CUDA when it dispatches).
+    (``swap_window_attention``: same parameters and keys; xformers on CUDA when it dispatches). SwinV2:
+    ``swap_window_attention_v2`` (SDPA; ``"xformers"`` raises ``NotImplementedError``: cosine attention is
+    not supported by that path yet).
     """
     if attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS}, got {attn_backend!r}")
@@ -196,11 +243,18 @@ def build_classifier(spec: dict, *, attn_backend: str = "auto") -> nn.Module:
 
         model = SwinTransformer(**kwargs)
         return model if attn_backend == "timm" else swap_window_attention(model, backend=attn_backend)
+    if spec["arch"] == "swinv2":
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+        from .window_attention_v2 import swap_window_attention_v2
+
+        model = SwinTransformerV2(**kwargs)
+        return model if attn_backend == "timm" else swap_window_attention_v2(model, backend=attn_backend)
     if spec["arch"] == "vit":
         from timm.models.beit import Beit
 
         return Beit(**kwargs)  # timm's default norm: LayerNorm eps 1e-6, as the official ViT
-    raise ValueError(f"spec: unknown arch {spec['arch']!r} (expected swin or vit)")
+    raise ValueError(f"spec: unknown arch {spec['arch']!r} (expected swin, swinv2 or vit)")
 
 
 def load_pretrained(model: nn.Module, source: str | os.PathLike | Checkpoint) -> LoadReport:

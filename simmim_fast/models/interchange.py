@@ -16,6 +16,15 @@ Official -> ours (``official_to_ours``)
     ``[x(0::2, 0::2), x(1::2, 0::2), x(0::2, 1::2), x(1::2, 1::2)]`` is the same in both, so weights
     are copied unchanged (checked by ``tests/test_interchange.py`` against an independent forward).
 
+    SwinV2 (microsoft/Swin-Transformer ``SwinTransformerV2ForSimMIM``): the same stage-end patch merging
+    (which there reduces, then normalises ``2C`` channels: same keys, same order of the concatenation),
+    ``q_bias``/``v_bias``, ``logit_scale`` ``(nH, 1, 1)`` and the CPB-MLP ``cpb_mlp.{0,2}`` under the same
+    names as timm's; its persistent ``relative_coords_table`` / ``relative_position_index`` / ``attn_mask``
+    buffers are dropped (timm rebuilds them, non-persistent, for the model's window) and an early
+    ``rpe_mlp`` is renamed ``cpb_mlp`` (checked by ``tests/test_swinv2.py`` against an independent
+    transcription of the official forward). A SwinV2 state dict does not tell its window (no table):
+    ``infer_pretrain_preset`` reads it from the official buffers when present.
+
 Resizing (``adapt_encoder_state_dict``), as the official ``utils.load_pretrained`` does it
     relative-position tables whose window changed (Swin 192 px window 6 -> 224 px window 7, ViT
     grid 14 -> other sizes) are resampled with the official geometric-progression positions and a
@@ -33,7 +42,8 @@ Writing
     the official key layout (``ours_to_official``, the inverse of ``official_to_ours``: Swin patch
     merging back to the end of stage ``i``, a Swin classifier's ``head.fc`` -> ``head``, and the
     official persistent buffers ``relative_position_index`` / ``attn_mask`` recomputed by the official
-    rules), plus a small plain-dict ``config`` (``MODEL.TYPE``, ``DATA.IMG_SIZE``) and our provenance
+    rules; SwinV2 blocks also get ``relative_coords_table`` for their window and pretrained window),
+    plus a small plain-dict ``config`` (``MODEL.TYPE``, ``DATA.IMG_SIZE``) and our provenance
     under ``simmim_fast``. A pretraining checkpoint gives the whole SimMIM model (``encoder.*``,
     ``decoder.*``, as official pretraining checkpoints hold it): the official ``main_finetune.py``
     (``utils.load_pretrained``) takes it as ``PRETRAINED``; a fine-tuned classifier gives the official
@@ -68,7 +78,8 @@ __all__ = [
     "Checkpoint", "read_checkpoint", "official_to_ours", "is_official_layout", "strip_prefix",
     "resize_rel_pos_table", "geometric_positions", "adapt_encoder_state_dict", "LoadReport",
     "infer_pretrain_preset", "load_simmim_weights", "load_pretraining_model", "encoder_config", "timm_export", "save_state_dict",
-    "create_timm_model", "official_relative_position_index", "official_shift_mask", "ours_to_official",
+    "create_timm_model", "official_relative_position_index", "official_shift_mask", "official_relative_coords_table",
+    "ours_to_official",
     "official_export", "write_official_export", "main",
 ]
 
@@ -166,9 +177,12 @@ def is_official_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
 def official_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map official key names (with or without the ``encoder.``/``decoder.`` prefixes) to ours.
 
-    Drops ``relative_position_index`` / ``attn_mask`` buffers; moves Swin's ``layers.i.downsample``
-    to ``layers.{i+1}.downsample``; renames a Swin classifier ``head.*`` to ``head.fc.*``. A state
-    dict already in our layout passes through unchanged (buffers aside).
+    Drops ``relative_position_index`` / ``attn_mask`` / ``relative_coords_table`` buffers; moves Swin's
+    (V1 and V2) ``layers.i.downsample`` to ``layers.{i+1}.downsample``; renames a Swin classifier
+    ``head.*`` to ``head.fc.*`` and SwinV2's early ``rpe_mlp`` to ``cpb_mlp`` (as the official
+    ``load_checkpoint`` / ``load_pretrained`` do). SwinV2's parameters (``logit_scale``, ``cpb_mlp``,
+    ``q_bias``/``v_bias``) keep their names. A state dict already in our layout passes through unchanged
+    (buffers aside).
     """
     old_swin = any(re.search(r"(^|\.)layers\.0\.downsample\.", k) for k in state_dict)
     is_swin = any(re.search(r"(^|\.)layers\.\d+\.blocks\.", k) for k in state_dict)
@@ -176,6 +190,8 @@ def official_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     for k, v in state_dict.items():
         if any(b in k for b in _OFFICIAL_BUFFERS):
             continue
+        if is_swin and ".rpe_mlp." in k:  # early SwinV2 releases; the official loaders rename it too
+            k = k.replace(".rpe_mlp.", ".cpb_mlp.")
         if old_swin:
             k = re.sub(r"(^|\.)layers\.(\d+)\.downsample\.", lambda m: f"{m.group(1)}layers.{int(m.group(2)) + 1}.downsample.", k)
         if is_swin and re.match(r"^head\.(weight|bias)$", k):
@@ -234,28 +250,88 @@ _SWIN_TABLE = re.compile(
 _VIT_TABLE = re.compile(r"^(?P<pre>(?:encoder\.)?)(?P<mod>rel_pos_bias|blocks\.\d+\.attn)\.relative_position_bias_table$")
 
 
-def ours_to_official(state_dict: Mapping[str, torch.Tensor], *, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+def official_relative_coords_table(
+    window: tuple[int, int], pretrained_window: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """The official SwinV2 ``relative_coords_table`` buffer ``(1, 2*Wh-1, 2*Ww-1, 2)`` float32.
+
+    Offsets ``(dy, dx)`` divided by ``pretrained_window - 1`` (or ``window - 1`` when the pretrained window
+    is 0, as in pretraining), times 8, then ``sign(t) * log2(1 + |t|) / log2(8)``: the log-spaced
+    coordinates the CPB-MLP reads. (A window of 1 divides by ``max(w - 1, 1)``, as timm does; the official
+    code divides by 0 there.)
+    """
+    wh, ww = int(window[0]), int(window[1])
+    ph, pw = int(pretrained_window[0]), int(pretrained_window[1])
+    dy = torch.arange(-(wh - 1), wh, dtype=torch.float32)
+    dx = torch.arange(-(ww - 1), ww, dtype=torch.float32)
+    t = torch.stack(torch.meshgrid(dy, dx, indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
+    dh, dw = (ph, pw) if ph > 0 else (wh, ww)
+    t[..., 0] /= max(dh - 1, 1)
+    t[..., 1] /= max(dw - 1, 1)
+    t *= 8
+    return torch.sign(t) * torch.log2(torch.abs(t) + 1.0) / math.log2(8)
+
+
+_SWINV2_CPB = re.compile(
+    r"^(?P<pre>(?:encoder\.)?)layers\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.attn\.cpb_mlp\.0\.weight$")
+
+
+def _stage_resolution(grid: tuple[int, int], stage: int) -> tuple[int, int]:
+    return grid[0] // 2**stage, grid[1] // 2**stage
+
+
+def ours_to_official(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    grid: tuple[int, int],
+    window_sizes: tuple[int, ...] | None = None,
+    pretrained_window_sizes: tuple[int, ...] | None = None,
+) -> dict[str, torch.Tensor]:
     """Our (timm) key layout -> the official one: the inverse of ``official_to_ours``.
 
     ``state_dict``: a SimMIM model's (``encoder.*`` + ``decoder.*``), a bare encoder's or a classifier's,
-    Swin or BEiT-style ViT; ``grid``: the encoder's patch grid ``(H/p, W/p)``. Swin: ``layers.i.downsample``
+    Swin (V1 or V2) or BEiT-style ViT; ``grid``: the encoder's patch grid ``(H/p, W/p)``. Swin: ``layers.i.downsample``
     goes back to ``layers.{i-1}.downsample`` (after that stage's blocks), a classifier ``head.fc.*`` to
     ``head.*``, and every block gets the official ``attn.relative_position_index`` and, when shifted,
     ``attn_mask`` (the official rule: odd blocks of a stage whose resolution exceeds its window; the
-    window is the one of the block's table). ViT: each relative-position table gets its
-    ``relative_position_index``. Tensors are the same objects (no copy). Raises ``ValueError`` for a
-    state dict already in the official layout.
+    window is the one of the block's table). SwinV2 blocks have no table: ``window_sizes`` (required
+    then) gives each stage's window in use (``SwinV2EncoderForSimMIM.window_sizes``) and
+    ``pretrained_window_sizes`` (default 0s, the pretraining model's) the official
+    ``relative_coords_table`` each block also gets (``official_relative_coords_table``). ViT: each
+    relative-position table gets its ``relative_position_index``. Tensors are the same objects (no copy).
+    Raises ``ValueError`` for a state dict already in the official layout, or one the official code cannot
+    hold (a stage that is not a whole number of windows).
     """
     if is_official_layout(state_dict):
         raise ValueError("state_dict: already in the official layout (it has official buffers or a stage-0 downsample)")
     gh, gw = int(grid[0]), int(grid[1])
     windows = {}  # Swin block prefix -> (stage resolution, window of its table)
+    v2_blocks = {}  # SwinV2 block prefix -> (window, pretrained window)
     for k, v in state_dict.items():
         m = _SWIN_TABLE.match(k)
         if m:
             stage = int(m.group("stage"))
             prefix = f"{m.group('pre')}layers.{stage}.blocks.{m.group('block')}."
-            windows[prefix] = ((gh // 2**stage, gw // 2**stage), (_table_side(v.shape[0], 0) + 1) // 2)
+            windows[prefix] = (_stage_resolution((gh, gw), stage), (_table_side(v.shape[0], 0) + 1) // 2)
+    v2_stages = sorted({int(m.group("stage")) for k in state_dict if (m := _SWINV2_CPB.match(k))})
+    if v2_stages:
+        if windows:
+            raise ValueError("state_dict: holds both Swin V1 tables and SwinV2 CPB-MLPs")
+        n = v2_stages[-1] + 1
+        if window_sizes is None or len(window_sizes) != n:
+            raise ValueError(f"window_sizes: a SwinV2 state dict needs the window of each of its {n} stages "
+                             f"(the encoder's window_sizes), got {window_sizes!r}")
+        pws = tuple(pretrained_window_sizes) if pretrained_window_sizes is not None else (0,) * n
+        if len(pws) != n:
+            raise ValueError(f"pretrained_window_sizes: expected {n} values (one per stage), "
+                             f"got {pretrained_window_sizes!r}")
+        for k in state_dict:
+            m = _SWINV2_CPB.match(k)
+            if m:
+                stage = int(m.group("stage"))
+                prefix = f"{m.group('pre')}layers.{stage}.blocks.{m.group('block')}."
+                windows[prefix] = (_stage_resolution((gh, gw), stage), int(window_sizes[stage]))
+                v2_blocks[prefix] = (int(window_sizes[stage]), int(pws[stage]))
     odd = [f"{k}: stage {r[0]}x{r[1]}, window {w}" for k, (r, w) in windows.items() if r[0] % w or r[1] % w]
     if odd:
         raise ValueError("state_dict: the official Swin partitions each stage into whole windows; these blocks' "
@@ -283,6 +359,14 @@ def ours_to_official(state_dict: Mapping[str, torch.Tensor], *, grid: tuple[int,
                 items.append((k[: -len("relative_position_bias_table")] + "relative_position_index",
                               official_relative_position_index((window, window))))
                 continue
+            m = _SWINV2_CPB.match(k)
+            if m:  # SwinV2: the attention's two persistent buffers, before its CPB-MLP as the official order
+                prefix = k[: -len("attn.cpb_mlp.0.weight")]
+                window, pretrained = v2_blocks[prefix]
+                items.append((prefix + "attn.relative_coords_table",
+                              official_relative_coords_table((window, window), (pretrained, pretrained))))
+                items.append((prefix + "attn.relative_position_index",
+                              official_relative_position_index((window, window))))
         else:
             m = _VIT_TABLE.match(k)
             if m:
@@ -495,6 +579,26 @@ def _swin_shape_config(sd: Mapping[str, torch.Tensor]) -> dict:
                 window_size=(side + 1) // 2)
 
 
+def _swinv2_shape_config(sd: Mapping[str, torch.Tensor], raw: Mapping[str, torch.Tensor]) -> dict:
+    """SwinV2 sizes from our-layout keys ``sd``; the window from the official buffers of ``raw`` when it has them
+    (a SwinV2 state dict has no table whose shape tells it: the CPB-MLP is window-free)."""
+    w = sd["patch_embed.proj.weight"]
+    stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.", k))})
+    depths = tuple(len({int(m.group(1)) for k in sd if (m := re.match(rf"layers\.{s}\.blocks\.(\d+)\.", k))}) for s in stages)
+    heads = tuple(int(sd[f"layers.{s}.blocks.0.attn.logit_scale"].shape[0]) for s in stages)
+    found = dict(patch_size=int(w.shape[-1]), embed_dim=int(w.shape[0]), depths=depths, num_heads=heads)
+    for pre in ("encoder.", ""):
+        table = raw.get(f"{pre}layers.0.blocks.0.attn.relative_coords_table")
+        if table is not None and table.dim() == 4:
+            found["window_size"] = (int(table.shape[1]) + 1) // 2
+            break
+        index = raw.get(f"{pre}layers.0.blocks.0.attn.relative_position_index")
+        if index is not None and index.dim() == 2 and math.isqrt(index.shape[0]) ** 2 == index.shape[0]:
+            found["window_size"] = math.isqrt(index.shape[0])
+            break
+    return found
+
+
 def _vit_shape_config(sd: Mapping[str, torch.Tensor]) -> dict:
     w = sd["patch_embed.proj.weight"]
     depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
@@ -509,17 +613,22 @@ def _vit_shape_config(sd: Mapping[str, torch.Tensor]) -> dict:
 def infer_pretrain_preset(state_dict: Mapping[str, torch.Tensor]) -> str:
     """The pretraining preset whose encoder has this (official or our) state dict's shapes.
 
-    Raises ``ValueError`` naming the shapes found when no preset matches (pass ``--preset``).
+    Swin V1 (relative-position tables), SwinV2 (``logit_scale`` / ``cpb_mlp``: sizes from the patch
+    embedding, the blocks and the ``logit_scale`` of each stage; the window from the official
+    ``relative_coords_table`` / ``relative_position_index`` buffers when present, else not compared),
+    BEiT-style ViT. Raises ``ValueError`` naming the shapes found when no preset matches (pass ``--preset``).
     """
     from .presets import PRESETS
 
     sd = official_to_ours(strip_prefix(state_dict, "encoder."))
     if "layers.0.blocks.0.attn.relative_position_bias_table" in sd:
         found, arch = _swin_shape_config(sd), "swin"
+    elif "layers.0.blocks.0.attn.logit_scale" in sd:
+        found, arch = _swinv2_shape_config(sd, state_dict), "swinv2"
     elif "patch_embed.proj.weight" in sd and any(k.startswith("blocks.") for k in sd):
         found, arch = _vit_shape_config(sd), "vit"
     else:
-        raise ValueError("checkpoint: neither a Swin nor a ViT encoder state dict (no layers.*.blocks / blocks.* keys)")
+        raise ValueError("checkpoint: neither a Swin (V1/V2) nor a ViT encoder state dict (no layers.*.blocks / blocks.* keys)")
     for name, p in PRESETS.items():
         if p.arch != arch:
             continue
@@ -604,6 +713,7 @@ def _official_img_size(ck: Checkpoint) -> int | None:
 # timm export
 # ---------------------------------------------------------------------------------------------
 _SWIN_KEYS = ("img_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "qkv_bias")
+_SWINV2_KEYS = _SWIN_KEYS + ("pretrained_window_sizes",)
 _VIT_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "init_values",
              "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias")
 
@@ -622,7 +732,7 @@ def encoder_config(preset: str, img_size: int | None = None) -> tuple[str, dict]
     enc = dict(p.encoder)
     if img_size is not None:
         enc["img_size"] = int(img_size)
-    keys = _SWIN_KEYS if p.arch == "swin" else _VIT_KEYS
+    keys = {"swin": _SWIN_KEYS, "swinv2": _SWINV2_KEYS}.get(p.arch, _VIT_KEYS)
     kwargs = {k: _jsonable(enc[k]) for k in keys if k in enc}
     if p.arch == "vit":
         # our pretraining encoder: final norm on the tokens, no fc-norm
@@ -636,6 +746,9 @@ def timm_model_name(arch: str, kwargs: Mapping) -> str:
     if arch == "swin":
         return {192: "swin_large_patch4_window7_224", 128: "swin_base_patch4_window7_224",
                 96: "swin_tiny_patch4_window7_224"}.get(kwargs.get("embed_dim"), "swin_base_patch4_window7_224")
+    if arch == "swinv2":  # timm has no SwinV2-H/G entry (its swinv2_cr_* are another implementation and key layout)
+        return {192: "swinv2_large_window12_192", 128: "swinv2_base_window12_192",
+                96: "swinv2_tiny_window8_256"}.get(kwargs.get("embed_dim"), "swinv2_base_window12_192")
     return {1024: "beit_large_patch16_224"}.get(kwargs.get("embed_dim"), "beit_base_patch16_224")
 
 
@@ -746,14 +859,21 @@ def official_export(source: str | os.PathLike | Checkpoint, *, preset: str | Non
         except RuntimeError as e:
             raise ValueError(f"checkpoint: its weights do not match its spec ({' '.join(str(e).split())})") from e
         encoder, arch, img_size, name = model, spec["arch"], int(spec["kwargs"]["img_size"]), spec.get("preset")
+        pretrained_windows = spec["kwargs"].get("pretrained_window_sizes")
     else:
         model, info = load_pretraining_model(ck, preset=preset)
         encoder, img_size, name = model.encoder, info["img_size"], info["preset"]
         from .presets import get_preset
 
         arch = get_preset(name).arch
+        pretrained_windows = None  # the official SwinV2 SimMIM model is built without them (0s)
     sd = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    official = ours_to_official(sd, grid=tuple(encoder.patch_embed.grid_size))
+    v2 = {}
+    if arch == "swinv2":
+        from .swinv2 import stage_windows
+
+        v2 = dict(window_sizes=stage_windows(encoder), pretrained_window_sizes=pretrained_windows)
+    official = ours_to_official(sd, grid=tuple(encoder.patch_embed.grid_size), **v2)
     return {
         "model": official,
         "config": {"MODEL": {"TYPE": arch}, "DATA": {"IMG_SIZE": img_size}},
@@ -851,7 +971,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out} ({len(export['model'])} tensors, official layout, {info['arch']} {info['img_size']} px) "
                   f"from the {info['source_kind']} checkpoint {info['source']}")
             flag = "--resume" if info["source_kind"] == "finetune" else "--pretrained"
-            print(f"the official fine-tuning code reads it with:  python main_finetune.py ... {flag} {out}")
+            # SwinV2's SimMIM code is microsoft/Swin-Transformer's main_simmim_ft.py, the others microsoft/SimMIM's
+            script = "main_simmim_ft.py" if info["arch"] == "swinv2" else "main_finetune.py"
+            print(f"the official fine-tuning code reads it with:  python {script} ... {flag} {out}")
             if a.check:
                 n, diff = _check_official_export(export, out)
                 print(f"official reload check: {n} tensors, max |difference| = {diff:.3g}")

@@ -7,6 +7,9 @@ A network of ``L`` blocks has ``L + 2`` learning-rate levels; level ``i`` gets
 - Swin: block ``b`` of stage ``s`` is level ``sum(depths[:s]) + b + 1``; the patch merging between
   stage ``s-1`` and ``s`` (timm: ``layers.s.downsample``, official: ``layers.{s-1}.downsample``) shares
   the level of the last block of stage ``s-1``, ``sum(depths[:s])``;
+- SwinV2 (timm ``SwinTransformerV2``, same key layout): the same rule, as the official
+  microsoft/Swin-Transformer ``get_swin_layer`` (``MODEL.SWINV2.DEPTHS``); a block's ``cpb_mlp`` and
+  ``logit_scale`` are at the block's level;
 - ViT: block ``i`` is level ``i + 1``; the shared relative-position bias is level ``L + 1``;
 - level ``L + 1`` (scale 1): everything else (final norm, fc-norm, head).
 
@@ -15,7 +18,8 @@ A network of ``L`` blocks has ``L + 2`` learning-rate levels; level ``i`` gets
 
 Each level is split into a weight-decay group and a no-decay group: no decay on 1-D parameters
 (norms, biases, layer scales), ``*.bias``, relative-position tables, position embeddings, cls and
-mask tokens, and the model's ``no_weight_decay()`` names. (The official ViT fine-tuning code decays
+mask tokens, and the model's ``no_weight_decay()`` names (timm's SwinV2: every ``cpb_mlp`` and ``logit_scale``
+parameter, as the official SwinV2 fine-tuning keywords). (The official ViT fine-tuning code decays
 its relative-position tables; we follow the pretraining rule and timm's ``no_weight_decay``, which
 exclude them.)
 
@@ -35,7 +39,7 @@ __all__ = ["swin_layer_id", "vit_layer_id", "layer_decay_param_groups", "ScaledW
 
 
 def swin_layer_id(name: str, depths: Sequence[int]) -> int:
-    """Learning-rate level of a Swin parameter, timm key layout (``layers.s.downsample`` starts stage ``s``)."""
+    """Learning-rate level of a Swin / SwinV2 parameter, timm key layout (``layers.s.downsample`` starts stage ``s``)."""
     top = sum(depths) + 1
     if name.startswith(("patch_embed", "mask_token", "absolute_pos_embed")):
         return 0
@@ -61,7 +65,7 @@ def vit_layer_id(name: str, depth: int) -> int:
 
 
 def num_levels(model: nn.Module) -> int:
-    """``L + 2`` for a timm Swin (``L = sum(depths)``) or BEiT (``L = depth``)."""
+    """``L + 2`` for a timm Swin / SwinV2 (``L = sum(depths)``) or BEiT (``L = depth``)."""
     if hasattr(model, "layers"):
         return sum(len(stage.blocks) for stage in model.layers) + 2
     return len(model.blocks) + 2
