@@ -69,6 +69,9 @@ def test_norm_target_flag_trains_and_pictures_the_targets(tmp_path, capsys):
     assert (out / "reconstruction_00000001.png").is_file()
     model = visualize.load_model(state)
     assert model.norm_target == 5  # visualize rebuilds the model with the run's targets
+    off = tmp_path / "off"  # 0 = raw pixels, whatever the preset's default
+    assert train.main(["--max-steps", "1", "--norm-target", "0", "--output", str(off), *FAST]) == 0
+    assert visualize.load_model(load_checkpoint(off / "checkpoint_00000001.pt")).norm_target is None
     capsys.readouterr()
     assert train.main(["--max-steps", "1", "--norm-target", "4", "--output", str(tmp_path / "bad"), *FAST]) == 2
     assert "--norm-target" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from ..data.folder import find_images
 from ..data.masking import STRATEGIES, MaskGenerator
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB
 from ..models import create_model
+from .pretrain import norm_target_override
 from ..training import checkpoint as ckpt
 from ..viz import save_reconstruction_grid
 
@@ -91,7 +92,7 @@ def load_model(state: dict, path: PathLike = "checkpoint") -> torch.nn.Module:
             "expected keys model, args, plan)"
         ) from None
     overrides = {"img_size": img_size, "loss": args.get("loss", "l1"), "predict": args.get("predict", "masked"),
-                 "norm_target": args.get("norm_target")}
+                 **norm_target_override(args.get("norm_target"))}  # the run's targets (preset default if unset)
     if args.get("drop_path") is not None:
         overrides["drop_path_rate"] = args["drop_path"]
     model = create_model(preset, **overrides)
