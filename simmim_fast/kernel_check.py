@@ -7,7 +7,9 @@
 ``collect`` runs, on CPU under Triton's interpreter, one training step of each preset (every
 precision: fp32, bf16 and fp16 autocast; the masked-only head of the trainer, the full head that
 ``torch.compile`` traces, and ``predict``'s pixel shuffle) and, with ``--op-tests``, the Triton op
-tests (``tests/test_ops_triton.py``), recording every kernel launch (``simmim_fast.ops.launch_log``).
+tests (``tests/test_ops_triton.py``), recording every kernel launch (``simmim_fast.ops.launch_log``),
+and the Swin window-attention kernels' launches for the presets' geometries and the corners of their
+tile space (``WINDOW_ATTENTION_VARIANTS``; the model steps run the encoders' attention on SDPA).
 The encoders are built with one block per stage: the fused ops only see the patch embedding and the
 encoder output, whose shapes, dtypes and strides do not depend on the depth, so the launches are
 those of the full preset. The default batch is 4: the only batch-sized kernel argument is the fill's
@@ -89,6 +91,71 @@ def model_step_launches(preset: str, precision: str, *, batch: int = 4, execute:
     return list(log)
 
 
+#: Swin window-attention variants whose launches are compiled (``window_attention_launches``): the
+#: presets' geometries and the corners of the kernels' tile space (shapes: qkv grid, window, shift,
+#: heads, head dim, dtype, with a window-level mask). Each compiles 2 (fused backward) or 3 kernels.
+WINDOW_ATTENTION_VARIANTS = (
+    dict(grid=(12, 12), window=6, shift=3, heads=4, head_dim=32, dtype="bfloat16"),   # Swin-B/192, Swin-L stage 4
+    dict(grid=(12, 12), window=6, shift=0, heads=4, head_dim=32, dtype="bfloat16"),
+    dict(grid=(24, 24), window=12, shift=6, heads=2, head_dim=32, dtype="bfloat16"),  # Swin-L/192
+    dict(grid=(14, 14), window=7, shift=3, heads=4, head_dim=32, dtype="float16"),    # Swin-B/224 fine-tuning
+    dict(grid=(12, 12), window=6, shift=3, heads=4, head_dim=32, dtype="float32"),
+    dict(grid=(32, 32), window=16, shift=8, heads=2, head_dim=64, dtype="bfloat16"),  # largest tiles accepted
+    dict(grid=(12, 12), window=6, shift=3, heads=2, head_dim=64, dtype="bfloat16", mask=True),  # on windows
+)
+
+
+def window_attention_launches(batch: int = 2) -> list[dict]:
+    """Launches of ``ops.swin_window_attention`` forward + backward for :data:`WINDOW_ATTENTION_VARIANTS`,
+    recorded without running them (``tests/test_window_attention_triton.py`` checks the numbers), once
+    with the tiles the op picks on sm_90+ and once with those of older GPUs; a record of one plan only
+    carries ``"archs"`` and is compiled for those targets only (:func:`arch_applies`). The kernels do
+    not specialise on the geometry integers (``do_not_specialize``), so these shapes compile the same
+    variants as the presets' real batch and resolution."""
+    from .ops.window_attention import planned_for
+
+    plans = {}  # signature -> (record, archs it is planned for)
+    for capability, archs in (((9, 0), "sm90+"), ((8, 0), "below-sm90")):
+        with planned_for(capability):
+            for rec in _window_attention_variant_launches(batch):
+                key = launch_log.signature_key(rec)
+                first, seen = plans.get(key, (rec, set()))
+                plans[key] = (first, seen | {archs})
+    records = []
+    for rec, seen in plans.values():
+        if len(seen) == 1:  # a tile plan of one GPU generation only (the op picks tiles by capability)
+            rec = dict(rec, archs=next(iter(seen)))
+        records.append(rec)
+    return records
+
+
+def arch_applies(rec: dict, arch: int) -> bool:
+    """Whether a launch record is meant for ``arch`` (``"archs"``: ``"sm90+"`` / ``"below-sm90"``; absent: all)."""
+    archs = rec.get("archs")
+    if archs is None:
+        return True
+    return arch >= 90 if archs == "sm90+" else arch < 90
+
+
+def _window_attention_variant_launches(batch: int) -> list[dict]:
+    from .ops.window_attention import shift_mask, swin_window_attention
+
+    records: list[dict] = []
+    for v in WINDOW_ATTENTION_VARIANTS:
+        ws, hd, heads = v["window"], v["head_dim"], v["heads"]
+        qkv = torch.zeros(batch, *v["grid"], 3 * heads * hd, dtype=_DTYPES[v["dtype"]], requires_grad=True)
+        table = torch.zeros((2 * ws - 1) ** 2, heads, requires_grad=True)
+        kw = dict(num_heads=heads, window_size=ws, shift_size=v["shift"])
+        if v.get("mask"):  # the window-level module: each window an image, timm's shift mask per window
+            m = shift_mask(*v["grid"], (ws, ws), (ws // 2, ws // 2))
+            qkv = torch.zeros(batch * m.shape[0], ws, ws, 3 * heads * hd, dtype=qkv.dtype, requires_grad=True)
+            kw = dict(num_heads=heads, window_size=ws, attn_mask=m)
+        with launch_log.record(execute=False) as log:
+            swin_window_attention(qkv, table, backend="triton", **kw).float().sum().backward()
+        records += log
+    return records
+
+
 def op_test_launches(pytest_args: Sequence[str] = ()) -> list[dict]:
     """Kernel launches of ``tests/test_ops_triton.py`` (run in a subprocess that writes its launch log)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +174,7 @@ def collect(presets: Sequence[str], precisions: Sequence[str], *, batch: int, op
     for preset in presets:
         for precision in precisions:
             records += model_step_launches(preset, precision, batch=batch)
+    records += window_attention_launches()
     if op_tests:
         records += op_test_launches()
     return launch_log.unique(records)
@@ -174,7 +242,8 @@ def _replay_arg(a: dict) -> Any:
 
 #: The only modules a launch record may name: the launches file is data, so it never chooses what to import.
 KERNEL_MODULES = ("simmim_fast.ops.mask_token_fill", "simmim_fast.ops.masked_l1_loss",
-                  "simmim_fast.ops.norm_target", "simmim_fast.ops.pixel_shuffle_head")
+                  "simmim_fast.ops.norm_target", "simmim_fast.ops.pixel_shuffle_head",
+                  "simmim_fast.ops.window_attention")
 
 
 def _kernel(name: str):
@@ -255,6 +324,18 @@ def compile_one(rec: dict, arch: int) -> dict:
     return result
 
 
+def _forget_compiled_kernels() -> None:
+    """Drop every project kernel's in-memory compiled variants (``JITFunction.device_caches``, keyed by
+    device only, holds the target it was first built for), so the next ``run`` compiles for the active
+    driver's target. Triton's on-disk cache is keyed by target and stays valid."""
+    from triton.runtime.jit import JITFunction
+
+    for module in KERNEL_MODULES:
+        for value in vars(importlib.import_module(module)).values():
+            if isinstance(value, JITFunction) and hasattr(value, "device_caches"):
+                value.device_caches.clear()
+
+
 def compile_all(records: Sequence[dict], archs: Sequence[int]) -> list[dict]:
     from triton.runtime import driver
 
@@ -262,9 +343,11 @@ def compile_all(records: Sequence[dict], archs: Sequence[int]) -> list[dict]:
     previous = getattr(driver, "_active", None)  # None without a GPU: reset_active() would look for one
     for arch in archs:
         driver.set_active(_stub_driver(arch))
+        _forget_compiled_kernels()  # a JIT kernel caches its target per device: else arch 2 reuses arch 1's binaries
         try:
             for rec in launch_log.unique(list(records)):
-                results.append(compile_one(rec, arch))
+                if arch_applies(rec, arch):
+                    results.append(compile_one(rec, arch))
         finally:
             driver._active = previous
     return results

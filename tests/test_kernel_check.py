@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not _common.HAS_TRITON, reason="needs triton")
 
 KERNELS = {"_fill_fwd_kernel", "_fill_fwd_cf_kernel", "_fill_bwd_kernel", "_loss_kernel", "_shuffle_kernel",
-           "_integral_kernel", "_targets_kernel"}  # the last two: normalised targets (ops/norm_target.py)
+           "_integral_kernel", "_targets_kernel",  # these two: normalised targets (ops/norm_target.py)
+           "_fwd_kernel", "_bwd_dq_kernel", "_bwd_kv_kernel"}  # Swin window attention (ops/window_attention.py)
 
 
 @pytest.fixture(scope="module")

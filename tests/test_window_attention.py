@@ -670,7 +670,11 @@ def test_gpu_auto_picks_xformers_when_it_dispatches(caplog):
     with caplog.at_level(logging.INFO, logger="simmim_fast.attention"), torch.autocast("cuda", dtype=dtype):
         ours(x, blk.attn_mask).float().sum().backward()
     (line,) = [r.getMessage() for r in caplog.records if r.name == "simmim_fast.attention"]
-    if reasons:
+    triton_reasons = wa.triton_not_supported_reasons(ours, device=x.device, dtype=dtype, qkv_shape=(8, 6, 6, 384),
+                                                     window_size=(6, 6), mask=blk.attn_mask)
+    if not triton_reasons:  # auto prefers the fused Triton kernel on CUDA (tests/test_window_attention_triton.py)
+        assert "backend 'triton' runs" in line, line
+    elif reasons:
         assert "backend 'sdpa' runs" in line and "xformers not usable" in line, line
     else:
         assert "backend 'xformers' runs" in line and "cutlass" in line, line

@@ -222,7 +222,7 @@ def pretraining_windows(pretrain_preset: str) -> tuple[int, ...]:
     return tuple(min(int(enc["window_size"]), grid // 2**s) for s in range(len(enc["depths"])))
 
 
-ATTN_BACKENDS = ("auto", "xformers", "sdpa", "math", "timm")
+ATTN_BACKENDS = ("auto", "triton", "xformers", "sdpa", "math", "timm")
 
 
 def build_classifier(spec: dict, *, attn_backend: str = "auto") -> nn.Module:

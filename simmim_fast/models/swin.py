@@ -5,8 +5,11 @@ The mask token replaces masked patch embeddings right after the patch embedding 
 
 Window attention: every timm ``WindowAttention`` is swapped at construction for
 :class:`~simmim_fast.models.window_attention.WindowAttention` with ``attn_backend`` (default
-``"auto"``: xformers on CUDA when it dispatches, else SDPA, else math); ``attn_backend="timm"``
-keeps timm's module. Parameters and ``state_dict`` keys are timm's either way.
+``"auto"``: on CUDA the fused Triton kernel when it supports the input, else xformers when it
+dispatches, else SDPA, else math) and every block becomes a
+:class:`~simmim_fast.models.swin_block.SwinBlock` (with the Triton kernel the block's roll, partition
+and reverse disappear); ``attn_backend="timm"`` keeps timm's modules. Parameters and ``state_dict``
+keys are timm's either way.
 
 Shapes
     images   (B, 3, H, W)            normalised
@@ -30,7 +33,7 @@ ENCODER_ATTN_BACKENDS = ATTN_BACKENDS + ("timm",)
 class SwinEncoderForSimMIM(SwinTransformer):
     """timm ``SwinTransformer`` with a SimMIM mask token; ``num_classes`` is always 0.
 
-    ``attn_backend``: ``"auto" | "xformers" | "sdpa" | "math"`` for our window attention, or
+    ``attn_backend``: ``"auto" | "triton" | "xformers" | "sdpa" | "math"`` for our window attention, or
     ``"timm"`` to keep timm's ``WindowAttention``.
     """
 

@@ -11,13 +11,22 @@ buffers and ``state_dict`` keys (``qkv``, ``proj``, ``relative_position_bias_tab
     the batch (see "Layout").
 ``"xformers"``
     ``xformers.ops.memory_efficient_attention`` with the same bias, broadcast by a stride-0 batch.
+``"triton"``
+    :func:`simmim_fast.ops.swin_window_attention`: one Triton kernel per direction from the qkv
+    projection's output, bias gathered from the table and the shift mask computed in-kernel. Inside a
+    Swin block swapped by :func:`swap_window_attention` (:class:`~simmim_fast.models.swin_block.SwinBlock`)
+    the block's roll, partition and reverse disappear too (:meth:`WindowAttention.forward_tokens`); called
+    on windows (``forward(x, mask)``) each window is an image of one window and ``mask`` is read by the
+    kernel. Registered with ``torch.library``: ``torch.compile`` keeps it in the graph.
 ``"auto"`` (default)
+    on CUDA the Triton kernel when its capability check has no reason against the input, else
     xformers when its dispatcher accepts the input (CUDA, dtype, head dim, alignment, a kernel that
     loads for this torch), else SDPA, else math; the choice and its reasons are logged once per
     process on ``logging.getLogger("simmim_fast.attention")``. Inside ``torch.compile`` ``auto``
-    uses SDPA: the xformers call is opaque to the compiler (a forced ``"xformers"`` is a graph
-    break), while SDPA traces and reaches PyTorch's fused CUDA kernels -- its memory-efficient one
-    is the kernel xformers' ``cutlassF-pt`` op calls.
+    uses the Triton kernel on CUDA when it can (a ``triton_op``: Inductor sees it), else SDPA: the
+    xformers call is opaque to the compiler (a forced ``"xformers"`` is a graph break), while SDPA
+    traces and reaches PyTorch's fused CUDA kernels -- its memory-efficient one is the kernel
+    xformers' ``cutlassF-pt`` op calls.
 
 Shapes (``N = Wh*Ww`` tokens per window, ``nW`` windows per image, ``nH`` heads, ``hd`` head dim)
     x      (nW*B, N, C)    windows of ``window_partition``: index ``b*nW + w``
@@ -51,7 +60,11 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock as TimmSwinTransformerBlock
 from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
+
+from ..ops import _common as _ops_common
+from ..ops import window_attention as _fused
 
 __all__ = [
     "BACKENDS",
@@ -60,13 +73,14 @@ __all__ = [
     "window_attention_reference",
     "xformers_not_supported_reasons",
     "sdpa_not_supported_reasons",
+    "triton_not_supported_reasons",
     "window_attention_report",
     "BIAS_ALIGNMENT",
 ]
 
 logger = logging.getLogger("simmim_fast.attention")
 
-BACKENDS = ("auto", "xformers", "sdpa", "math")
+BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 BIAS_ALIGNMENT = 8  # last dim of bias buffers padded to this many elements (16 bytes in fp16/bf16)
 
 NO_CUDA_REASON = "device is not CUDA (xformers has no CPU kernels)"
@@ -225,6 +239,45 @@ def sdpa_not_supported_reasons() -> list[str]:
     if not hasattr(F, "scaled_dot_product_attention"):
         return [f"torch {torch.__version__} has no torch.nn.functional.scaled_dot_product_attention"]
     return []
+
+
+def qkv_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` gives for ``x`` here: the autocast dtype of x's device when autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def triton_not_supported_reasons(
+    attn: nn.Module,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    qkv_shape: tuple[int, int, int, int],
+    window_size: tuple[int, int],
+    shift_size: tuple[int, int] = (0, 0),
+    resolution: Optional[tuple[int, int]] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> list[str]:
+    """Why :func:`simmim_fast.ops.swin_window_attention` cannot run ``attn`` on a qkv of ``qkv_shape``
+    ``(B, Hq, Wq, 3*C)`` / ``dtype`` on ``device`` (empty list: it can). Every reason: device, dtype, sizes
+    (the op's own check, on a stride-0 probe: nothing allocated), attention dropout in training,
+    SwinV2's cosine attention. Never raises for a timm window attention."""
+    reasons: list[str] = []
+    if getattr(attn, "logit_scale", None) is not None or hasattr(attn, "cpb_mlp"):
+        reasons.append("cosine attention (SwinV2 logit scale / continuous position bias) is not supported")
+    if attn.training and attn.attn_drop.p > 0:
+        reasons.append(f"attention dropout p={attn.attn_drop.p} in training (the kernels have no dropout)")
+    table = getattr(attn, "relative_position_bias_table", None)
+    if table is None:
+        return reasons + ["no relative_position_bias_table (not a timm Swin v1 window attention)"]
+    try:
+        probe = torch.empty((), device=device, dtype=dtype).expand(*qkv_shape)
+        reasons += _fused.not_supported_reasons(probe, table, num_heads=attn.num_heads, window_size=window_size,
+                                                shift_size=shift_size, resolution=resolution, attn_mask=mask)
+    except (TypeError, ValueError) as exc:
+        reasons.append(f"input: {exc}")
+    return reasons
 
 
 def _xformers_fw_bw_names(q, k, v, bias, p, scale, needs_grad) -> str:
@@ -468,12 +521,101 @@ class WindowAttention(TimmWindowAttention):
 
     # ---------------------------------------------------------------- forward
 
+    def _triton_reasons(self, x, qkv_shape, window_size, shift_size, resolution, mask) -> tuple:
+        """:func:`triton_not_supported_reasons` for this call, cached per signature outside ``torch.compile``."""
+        table = self.relative_position_bias_table
+        dtype = qkv_dtype(x)
+        key = None
+        if not torch.compiler.is_compiling():
+            mask_sig = None if mask is None else (mask.device, mask.dtype, tuple(mask.shape), mask.stride(),
+                                                  bool(mask.requires_grad))
+            key = ("triton", x.device, dtype, tuple(qkv_shape), tuple(window_size), tuple(shift_size),
+                   None if resolution is None else tuple(resolution), mask_sig, table.device, table.dtype,
+                   tuple(table.shape), self.num_heads, self.training and self.attn_drop.p > 0,
+                   getattr(self, "logit_scale", None) is not None)
+            hit = _REASONS.get(key)
+            if hit is not None:
+                return hit
+        reasons = tuple(triton_not_supported_reasons(self, device=x.device, dtype=dtype, qkv_shape=qkv_shape,
+                                                     window_size=window_size, shift_size=shift_size,
+                                                     resolution=resolution, mask=mask))
+        if key is not None:
+            _REASONS[key] = reasons
+        return reasons
+
+    def uses_triton(self, x: torch.Tensor, *, qkv_shape: tuple[int, int, int, int], window_size: tuple[int, int],
+                    shift_size: tuple[int, int] = (0, 0), resolution: Optional[tuple[int, int]] = None,
+                    mask: Optional[torch.Tensor] = None) -> bool:
+        """Whether this call runs the Triton kernel: always for ``backend="triton"`` (raising
+        ``NotImplementedError`` with every reason when it cannot), for ``"auto"`` on CUDA (not
+        interpreted) when there is no reason against it; the decision of ``auto`` is logged once."""
+        backend = self.backend
+        if backend not in ("triton", "auto"):
+            return False
+        if backend == "auto" and (x.device.type != "cuda" or _ops_common.INTERPRET):
+            return False
+        reasons = self._triton_reasons(x, qkv_shape, window_size, shift_size, resolution, mask)
+        if backend == "triton":
+            if reasons:
+                raise NotImplementedError("window attention backend='triton' cannot run this input: "
+                                          + "; ".join(reasons) + " (backend='auto' falls back to xformers/SDPA)")
+            return True
+        if not torch.compiler.is_compiling():  # a log call would break the graph
+            where = "block" if resolution is not None else "windows"
+            key = ("triton", x.device.type, qkv_dtype(x), window_size, bool(any(shift_size)), where, bool(reasons))
+            if reasons:
+                _log_once(logging.WARNING, "window attention: auto does not use the Triton kernel on "
+                          f"{x.device.type} ({'; '.join(reasons)}); trying xformers / SDPA",
+                          dedupe=f"triton-no|{'; '.join(reasons)}")
+            else:
+                _DECISIONS[key] = "triton"
+                _log_once(logging.INFO, f"window attention: backend 'triton' runs (requested 'auto'; {x.device.type} "
+                          f"{str(qkv_dtype(x))[6:]}, window {window_size}, head dim {self._dims()[1]}, "
+                          f"{'fused block (no roll/partition copies)' if where == 'block' else 'on windows'})",
+                          dedupe=f"triton|{x.device.type}|{qkv_dtype(x)}|{where}")
+        return not reasons
+
+    def forward_tokens(self, x: torch.Tensor, window_size: tuple[int, int], shift_size: tuple[int, int]) -> torch.Tensor:
+        """A Swin block's whole attention path on tokens, with the Triton kernel.
+
+        x ``(B, H, W, C)`` (after ``norm1``) -> ``(B, H, W, C)`` (after ``proj``): what timm's
+        ``SwinTransformerBlock._attn`` returns, without its roll, partition, reverse and reverse roll.
+        When H or W is not a multiple of the window the tokens are zero-padded before ``qkv`` (as timm
+        pads after the roll: padded tokens project to ``qkv.bias``).
+
+        Equivalent PyTorch: ``SwinTransformerBlock._attn(x)`` with this module's ``"math"`` backend.
+        """
+        B, H, W, _ = x.shape
+        wh, ww = window_size
+        Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        qkv = self.qkv(x)  # (B, Hp, Wp, 3*attn_dim)
+        out = _fused.swin_window_attention(qkv, self.relative_position_bias_table, num_heads=self.num_heads,
+                                           window_size=(wh, ww), shift_size=tuple(shift_size), resolution=(H, W),
+                                           scale=float(self.scale), backend="triton")
+        return self.proj_drop(self.proj(out))
+
+    def _forward_triton(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Windows ``(nW*B, N, C)`` as images of one window each; ``mask`` read by the kernel."""
+        B_, N, _ = x.shape
+        wh, ww = self.window_size
+        qkv = self.qkv(x).view(B_, wh, ww, -1)
+        out = _fused.swin_window_attention(qkv, self.relative_position_bias_table, num_heads=self.num_heads,
+                                           window_size=(wh, ww), scale=float(self.scale), attn_mask=mask,
+                                           backend="triton")
+        return self.proj_drop(self.proj(out.reshape(B_, N, -1)))
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x ``(nW*B, N, C)``, mask ``(nW, N, N)`` (0 / -100) or None -> ``(nW*B, N, C)``."""
         groups = self._check_inputs(x, mask)
         backend = self.backend
         if backend == "math":
             return self._forward_math(x, mask)
+        wh, ww = self.window_size
+        if self.uses_triton(x, qkv_shape=(x.shape[0], wh, ww, self.qkv.weight.shape[0]), window_size=(wh, ww),
+                            mask=mask):
+            return self._forward_triton(x, mask)
         if backend == "sdpa" and sdpa_not_supported_reasons():
             raise NotImplementedError("window attention backend='sdpa': " + "; ".join(sdpa_not_supported_reasons()))
         q, k, v = self._project_qkv(x, groups)
@@ -522,7 +664,10 @@ def swap_window_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
 
     Parameters, buffers, submodules and hooks are shared with the replaced modules (no copy), so
     ``state_dict`` keys and values, optimizer references and outputs are unchanged (up to the
-    backend's rounding). Modules that are already ours get the new ``backend``. Returns ``model``.
+    backend's rounding). Modules that are already ours get the new ``backend``. Every block that is
+    exactly timm's ``SwinTransformerBlock`` becomes a :class:`~simmim_fast.models.swin_block.SwinBlock`
+    (same object, same state; its ``_attn`` runs :meth:`WindowAttention.forward_tokens` when the
+    backend resolves to ``"triton"``, else timm's code). Returns ``model``.
     Raises ``ValueError`` if ``model`` has no window attention (not a Swin), or for a bad ``backend``.
     """
     if not isinstance(model, nn.Module):
@@ -539,6 +684,11 @@ def swap_window_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
             child.backend = backend
         else:
             setattr(parent, name, WindowAttention.from_timm(child, backend=backend))
+    from .swin_block import SwinBlock  # imports this module
+
+    for block in model.modules():
+        if type(block) is TimmSwinTransformerBlock:
+            block.__class__ = SwinBlock  # adds no state: only the attention path's dispatch (``_attn``)
     return model
 
 
@@ -550,7 +700,8 @@ def window_attention_report() -> dict:
     """Which backend ``auto`` picks on this machine for a Swin-B-like training input, and why.
 
     Probes a small shifted-window input (4 windows of 6x6 tokens, 4 heads of 32) with a bias that
-    requires grad: on CUDA in bf16 (fp16 if bf16 is unsupported), else on CPU in fp32.
+    requires grad: on CUDA in bf16 (fp16 if bf16 is unsupported), else on CPU in fp32 (the Triton
+    kernel's check on the same geometry as a shifted block; nothing is launched).
     """
     if torch.cuda.is_available():
         dev = torch.device("cuda")
@@ -565,15 +716,26 @@ def window_attention_report() -> dict:
     bias = small[..., :N].unsqueeze(0).expand(B, -1, -1, -1)
     reasons = xformers_not_supported_reasons(q, k, v, bias, scale=hd**-0.5, needs_grad=True)
     sdpa_reasons = sdpa_not_supported_reasons()
-    auto = "xformers" if not reasons else ("sdpa" if not sdpa_reasons else "math")
-    notes = [f"probe: {dev.type} {str(dtype)[6:]}, BMHK (B={B}, N={N}, H={G}, hd={hd}), bias requires grad"]
+    probe_attn = TimmWindowAttention(G // 4 * hd, num_heads=G // 4, window_size=6).to(dev).train()
+    triton_reasons = triton_not_supported_reasons(probe_attn, device=dev, dtype=dtype, qkv_shape=(B, 12, 12, 3 * G // 4 * hd),
+                                                  window_size=(6, 6), shift_size=(3, 3), resolution=(12, 12))
+    if dev.type != "cuda" and not any("not CUDA" in r for r in triton_reasons):
+        triton_reasons = ["device is not CUDA (auto runs the Triton kernel on CUDA only; TRITON_INTERPRET=1 lets a "
+                          "forced backend='triton' run on CPU)"] + triton_reasons
+    if not triton_reasons and not _ops_common.INTERPRET:
+        auto = "triton"
+    else:
+        auto = "xformers" if not reasons else ("sdpa" if not sdpa_reasons else "math")
+    notes = [f"probe: {dev.type} {str(dtype)[6:]}, BMHK (B={B}, N={N}, H={G}, hd={hd}), bias requires grad; "
+             f"triton: a shifted Swin block of 12x12 tokens, window 6, {G // 4} heads of {hd}"]
     if auto == "xformers":
         notes.append(_xformers_fw_bw_names(q, k, v, bias, 0.0, hd**-0.5, True))
     if dev.type == "cuda" or _XFORMERS is not None:
         notes.extend(_import_xformers().notes)
-    notes.append("inside torch.compile, auto uses sdpa")
+    notes.append("inside torch.compile, auto uses triton when it can (CUDA), else sdpa")
     return {
         "auto": auto,
+        "triton_reasons": triton_reasons,
         "xformers_reasons": reasons,
         "sdpa_reasons": sdpa_reasons,
         "notes": notes,
