@@ -18,8 +18,11 @@ class ResumableSampler(Sampler):
     """Shuffled per epoch, split across ``world_size`` ranks, restartable at any batch.
 
     An epoch holds ``batches_per_epoch`` batches of ``batch_size`` per rank: ``len // global_batch``
-    (drop last), but at least ``min_batches``: a data set smaller than that (the embedded default)
-    is repeated, freshly shuffled, until it fills them.
+    (drop last) rounded down to a multiple of ``min_batches``, and at least ``min_batches``: a data set
+    smaller than that (the embedded default) is repeated, freshly shuffled, until it fills them. The
+    trainers pass their gradient-accumulation micro-steps as ``min_batches``, so an epoch is a whole
+    number of optimizer steps: no step mixes two epochs' micro-batches, and a resumed run (which restarts
+    at a step boundary of its epoch) sees the micro-batches of the uninterrupted one.
     """
 
     def __init__(
@@ -38,7 +41,8 @@ class ResumableSampler(Sampler):
         self.n = dataset_len
         self.batch_size, self.epochs = batch_size, epochs
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.batches_per_epoch = max(min_batches, dataset_len // (batch_size * world_size))
+        full = dataset_len // (batch_size * world_size)
+        self.batches_per_epoch = max(min_batches, full - full % min_batches)
         self.start_epoch, self.start_batch = 0, 0
 
     def set_start(self, epoch: int, batch: int = 0) -> None:
