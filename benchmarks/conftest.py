@@ -54,6 +54,7 @@ QUICK_CASES = (
     "-fp32-reference-swin_b]",
     "test_stage_attention[stage1-shift-",  # then bf16 only, below
     "test_loader.py::test_loader_throughput",
+    "test_end_to_end.py::",  # every row: they share one interleaved measurement per preset
 )
 
 
@@ -74,3 +75,14 @@ def pytest_collection_modifyitems(config, items):
     keep = [item for item in items if _quick(item.nodeid)]
     config.hook.pytest_deselected(items=[item for item in items if not _quick(item.nodeid)])
     items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The end-to-end table (test_end_to_end.py) at the end of the run, as results_table.py prints it."""
+    try:
+        from results_table import E2E_ROWS, markdown_table
+    except ImportError:
+        return
+    if E2E_ROWS:
+        terminalreporter.write_sep("-", "end-to-end training step (benchmarks/test_end_to_end.py)")
+        terminalreporter.write_line(markdown_table(E2E_ROWS))

@@ -17,7 +17,8 @@ than its estimate):
                   bytes moved (byte model stated per op), GB/s, % of the copy bandwidth, speedup
     attention     Swin-B window attention per stage (shifted and not), every backend: device time
                   forward and forward+backward, peak memory
-    e2e_compiled  ``torch.compile`` of ours and of the official-equivalent model (runs only on time left
+    e2e_compiled  ours with ``--compile blocks`` and ``torch.compile`` of the official-equivalent model (the
+                  variants of ``simmim_fast.benchmarking``, as benchmarks/test_end_to_end.py; runs only on time left
                   after keeping ``--tests-reserve`` seconds for the tests)
     tests         the CUDA test suite (``pytest tests --maxfail=25 -k "not sigkill and not ddp"``, without
                   the CPU-only kernel-compile and dry-run tests) with the remaining time as timeout
@@ -581,115 +582,43 @@ def section_ceilings(ctx: Context) -> dict:
 # section: e2e (and e2e_compiled)
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One way of building/running the SimMIM model for the end-to-end step."""
-
-    name: str
-    description: str
-    create_kwargs: dict
-    timm_fused_attn: Optional[bool] = None  # set on timm's attention modules; None: timm's default
-    head_tokens: bool = False  # pass the masked-only head's token index computed from the CPU mask
-    compiled: bool = False
+#: The variants are defined once, in ``simmim_fast.benchmarking`` (``benchmarks/test_end_to_end.py`` builds
+#: its side-by-side table from the same definitions); these sections pick their rows from there.
+EAGER_VARIANTS = ("official_equiv", "timm_sdpa", "sdpa_attn", "ours")
+COMPILED_VARIANTS = ("ours_compiled", "official_equiv_compiled", "ours_compiled_graphs")  # graphs: CUDA only
 
 
-def e2e_variants(arch: str, ours_ops: str, compiled: bool) -> list[Variant]:
-    """The variants of one architecture, eager or compiled, in the order they run."""
-    official = Variant(
-        "official_equiv",
-        "reference ops, full head + loss (official), timm attention with explicit softmax (timm fused_attn "
-        "off; the official code's math)" + (", timm WindowAttention (attn_backend='timm')" if arch == "swin" else ""),
-        dict(ops_backend="reference", masked_head=False, **({"attn_backend": "timm"} if arch == "swin" else {})),
-        timm_fused_attn=False,
-    )
-    ours = Variant(
-        "ours", f"create_model(preset) defaults (ops_backend={ours_ops!r}, attention auto, masked-only head "
-        "with the token index computed on the CPU mask as train.py does)",
-        dict(ops_backend=ours_ops), head_tokens=True,
-    )
-    if compiled:
-        return [
-            dataclasses.replace(ours, name="ours_compiled", compiled=True, head_tokens=False,
-                                description="torch.compile(ours); while compiling the model runs the full head"),
-            dataclasses.replace(official, name="official_equiv_compiled", compiled=True,
-                                description="torch.compile(official_equiv)"),
-        ]
-    timm_sdpa = Variant(
-        "timm_sdpa", "reference ops, full head, timm's own attention modules with fused_attn=True "
-        "(F.scaled_dot_product_attention; Swin: mask + bias expanded per batch)",
-        dict(official.create_kwargs), timm_fused_attn=True,
-    )
-    out = [official, timm_sdpa]
-    if arch == "swin":
-        out.append(Variant(
-            "sdpa_attn", "reference ops, full head, our window attention with backend='sdpa' (bias broadcast "
-            "over the batch)", dict(ops_backend="reference", masked_head=False, attn_backend="sdpa"),
-        ))
-    out.append(ours)
-    return out
+def e2e_variants(arch: str, ours_ops: str, compiled: bool) -> list:
+    """The shared variants (``simmim_fast.benchmarking.E2EVariant``) of one architecture this section runs."""
+    from simmim_fast.benchmarking import e2e_variants as shared_variants
 
-
-def set_timm_fused_attn(model, flag: bool) -> int:
-    """Set ``fused_attn`` on every timm attention module that has it (ours ignore it); returns the count."""
-    from simmim_fast.models.window_attention import WindowAttention
-
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "fused_attn") and not isinstance(m, WindowAttention):
-            m.fused_attn = flag
-            n += 1
-    return n
-
-
-def attention_paths(model) -> dict:
-    """Count of attention modules per (class, backend / fused flag): what the variant really runs."""
-    from simmim_fast.models.window_attention import WindowAttention
-
-    counts: dict = {}
-    for m in model.modules():
-        if isinstance(m, WindowAttention):
-            key = f"simmim_fast.WindowAttention(backend={m.backend})"
-        elif hasattr(m, "fused_attn"):
-            key = f"timm.{type(m).__name__}(fused_attn={m.fused_attn})"
-        else:
-            continue
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    by_name = {v.name: v for v in shared_variants(arch, ours_ops=ours_ops)}
+    return [by_name[n] for n in (COMPILED_VARIANTS if compiled else EAGER_VARIANTS) if n in by_name]
 
 
 def build_model(ctx: Context, preset: str, overrides: dict, create_kwargs: dict):
-    """``create_model`` with the parameters allocated on the device (CPU build + ``.to`` as fallback)."""
-    from simmim_fast import create_model
+    from simmim_fast.benchmarking import build_model as shared_build_model
 
-    kwargs = dict(overrides, **create_kwargs)
-    try:
-        with ctx.torch.device(ctx.device):
-            model = create_model(preset, **kwargs)
-    except Exception:
-        model = create_model(preset, **kwargs).to(ctx.device)
-    return model.to(ctx.device)
+    return shared_build_model(preset, overrides, create_kwargs, ctx.device)
 
 
 def make_batch(ctx: Context, model) -> dict:
-    """Fixed images (device) and SimMIM mask at model-patch resolution (CPU copy + device copy)."""
-    from simmim_fast import MaskGenerator
+    """Fixed images (device) and SimMIM mask (CPU + device copies): ``simmim_fast.benchmarking.make_batch``."""
+    from simmim_fast.benchmarking import make_batch as shared_make_batch
 
-    torch = ctx.torch
-    B = ctx.plan.batch
-    h, w = model.img_size
-    images = torch.randn(B, 3, h, w, generator=torch.Generator().manual_seed(1)).to(ctx.device)
-    gen = MaskGenerator(input_size=h, mask_patch_size=32, model_patch_size=model.patch_size, mask_ratio=0.6)
-    mask_cpu = gen.generate(B, generator=torch.Generator().manual_seed(2))
-    return {"images": images, "mask_cpu": mask_cpu, "mask": mask_cpu.to(ctx.device)}
+    return shared_make_batch(img_size=model.img_size, patch_size=model.patch_size, batch=ctx.plan.batch,
+                             device=ctx.device)
 
 
-def official_variant(preset: str, ours_ops: str) -> Variant:
+def official_variant(preset: str, ours_ops: str):
     return e2e_variants(preset_arch(preset), ours_ops, False)[0]
 
 
 def prepare_preset(ctx: Context, preset: str, overrides: dict) -> tuple[dict, dict]:
     """(weights, reference): the official-equivalent model's weights for a fixed seed (every variant
     loads them) and the preset's shared reference (FLOPs per image, counted once; official first-step loss)."""
+    from simmim_fast.benchmarking import set_timm_fused_attn
+
     ctx.torch.manual_seed(0)
     official = official_variant(preset, ctx.plan.ours_ops_backend)
     model = build_model(ctx, preset, overrides, official.create_kwargs)
@@ -697,6 +626,7 @@ def prepare_preset(ctx: Context, preset: str, overrides: dict) -> tuple[dict, di
     set_timm_fused_attn(model, False)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ref = ctx.shared.setdefault("refs", {}).setdefault(preset, {})
+    ref["geometry"] = (tuple(model.img_size), model.patch_size)
     if "flops" not in ref:
         try:
             ref["flops"] = count_flops(ctx, model, make_batch(ctx, model))
@@ -729,40 +659,6 @@ def count_flops(ctx: Context, model, batch: dict) -> dict:
             "counted_at_batch": k, "counted_on": "official_equiv (full head, explicit attention matmuls)"}
 
 
-def head_tokens_fn(ctx: Context, model, batch: dict) -> Callable[[], Any]:
-    """Per step, the masked-only head's token index from the CPU mask (pinned, copied without a sync)."""
-    cuda = ctx.device.type == "cuda"
-
-    def fn():
-        idx = model.masked_head_tokens(batch["images"], batch["mask_cpu"])
-        if idx is None:
-            return None
-        return idx.pin_memory().to(ctx.device, non_blocking=True) if cuda else idx
-
-    return fn
-
-
-def make_step(ctx: Context, call, model, opt, batch: dict, tokens_fn: Optional[Callable]) -> Callable[[], Any]:
-    """One training step: forward (autocast), backward, clip_grad_norm_(5.0), AdamW step, zero_grad."""
-    torch = ctx.torch
-    params = [p for p in model.parameters() if p.requires_grad]
-    images, mask = batch["images"], batch["mask"]
-
-    def step():
-        kwargs = {}
-        if tokens_fn is not None:
-            kwargs["head_tokens"] = tokens_fn()
-        with ctx.autocast():
-            loss = call(images, mask, **kwargs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
 def attn_decisions() -> list[str]:
     """What window attention's ``auto`` decided so far in this process."""
     try:
@@ -788,27 +684,23 @@ def mfu_fields(ctx: Context, img_per_s: float, flops: Optional[dict]) -> dict:
     }
 
 
-def run_variant(ctx: Context, preset: str, overrides: dict, variant: Variant, state: dict,
+def run_variant(ctx: Context, preset: str, overrides: dict, variant, state: dict,
                 flops: Optional[dict], warmup: int, timed: int) -> dict:
-    """Build one variant from ``state``, run its first step (loss, wall time) and time the steady state."""
-    from simmim_fast.training.optim import build_optimizer
+    """Build one shared variant (``simmim_fast.benchmarking.build_variant``) from ``state``, run its first step
+    (loss, wall time) and time the steady state."""
+    from simmim_fast.benchmarking import build_variant
+    from simmim_fast.benchmarking import make_batch as shared_make_batch
 
     torch, plan = ctx.torch, ctx.plan
-    res: dict = {"description": variant.description, "create_kwargs": variant.create_kwargs}
-    model = build_model(ctx, preset, overrides, variant.create_kwargs)
-    model.load_state_dict(state, strict=True)
-    model.train()
-    if variant.timm_fused_attn is not None:
-        res["timm_fused_attn_set"] = set_timm_fused_attn(model, variant.timm_fused_attn)
-    res["attention_modules"] = attention_paths(model)
-    batch = make_batch(ctx, model)
-    call = torch.compile(model, backend=plan.compile_backend) if variant.compiled else model
-    opt = build_optimizer(model, lr=1e-4)
-    tokens_fn = head_tokens_fn(ctx, model, batch) if variant.head_tokens else None
-    if tokens_fn is not None:
-        idx = tokens_fn()
-        res["masked_head_tokens"] = None if idx is None else int(idx.numel())
-    step = make_step(ctx, call, model, opt, batch, tokens_fn)
+    res: dict = {"description": variant.description, "create_kwargs": variant.create_kwargs,
+                 "compile": variant.compile, "cuda_graphs": variant.graphs}
+    (img_size, patch_size) = ctx.shared["refs"][preset]["geometry"]
+    batch = shared_make_batch(img_size=img_size, patch_size=patch_size, batch=plan.batch, device=ctx.device)
+    built = build_variant(variant, preset, overrides=overrides, state=state, batch=batch, device=ctx.device,
+                          amp_dtype=torch.bfloat16 if plan.precision == "bf16" else None,
+                          compile_backend=plan.compile_backend or "inductor")
+    res.update({k: v for k, v in built.info.items() if not callable(v)})
+    step = built.step
     torch.manual_seed(1234)
     ctx.timer.sync()
     t0 = time.perf_counter()
@@ -828,7 +720,7 @@ def run_variant(ctx: Context, preset: str, overrides: dict, variant: Variant, st
         res["allocated_before_steps_gib"] = gib(base)
         res.update(mfu_fields(ctx, plan.batch * timed / total, flops))
     res["attention_auto_decisions"] = attn_decisions()
-    del model, call, opt, step, batch
+    del built, step, batch
     return res
 
 
@@ -847,7 +739,7 @@ def loss_check(ctx: Context, variants: dict, ref_loss: Optional[float]) -> dict:
             "max_rel_diff": max(diffs.values()), "losses_agree": all(d <= rtol for d in diffs.values())}
 
 
-def run_preset_variants(ctx: Context, preset: str, overrides: dict, variants: list[Variant], out: dict,
+def run_preset_variants(ctx: Context, preset: str, overrides: dict, variants: list, out: dict,
                         estimate: float, reserve: float) -> None:
     """Run ``variants`` of one preset into ``out[preset]`` (flushed after each), with budget checks."""
     torch = ctx.torch
@@ -878,7 +770,7 @@ def run_preset_variants(ctx: Context, preset: str, overrides: dict, variants: li
         entry["variants"][v.name] = r
         print(f"[e2e] {preset} {v.name}: {r.get('img_per_s')} img/s, loss {r.get('first_step_loss')} "
               f"{r.get('error', '')[:300]}", flush=True)
-        if v.compiled:
+        if v.compile != "off":
             torch._dynamo.reset()
         entry["loss_check"] = loss_check(ctx, entry["variants"], ref.get("loss"))
         ctx.evidence.flush()
@@ -918,7 +810,7 @@ def section_e2e_compiled(ctx: Context) -> dict:
     out: dict = {}
     ctx.evidence.set_section("e2e_compiled", {"status": "running", "presets": out})
     reserve = ctx.plan.tests_reserve_s if "tests" in ctx.args.selected else 0.0
-    for which in ("ours_compiled", "official_equiv_compiled"):
+    for which in [n for n in COMPILED_VARIANTS if ctx.device.type == "cuda" or n != "ours_compiled_graphs"]:
         for preset, overrides in ctx.plan.e2e_presets:
             arch = preset_arch(preset)
             estimate = (150.0 if arch == "swin" else 100.0) if not ctx.plan.dry_run else 1.0
@@ -1220,7 +1112,7 @@ def section_ops(ctx: Context) -> dict:
 # section: attention
 
 
-ATTN_BACKENDS = ("timm", "timm_sdpa", "math", "sdpa", "xformers", "auto")
+ATTN_BACKENDS = ("timm", "timm_sdpa", "math", "sdpa", "xformers", "triton", "auto")
 
 
 def timm_block(ctx: Context, R: int, C: int, heads: int, shifted: bool):
@@ -1289,6 +1181,11 @@ def attention_rows(ctx: Context, stage: int, R: int, C: int, heads: int, shifted
     rows = []
     for backend in ATTN_BACKENDS:
         row = dict(key, backend=backend, windows=x.shape[0])
+        if backend == "triton" and ctx.plan.dry_run:
+            row["unavailable"] = ("dry run: the Triton kernels would run in the interpreter (a correctness tool, "
+                                  "tests/test_window_attention_triton.py)")
+            rows.append(row)
+            continue
         try:
             module = attention_module(block, backend)
             before = set(attn_decisions())
@@ -1319,7 +1216,8 @@ def section_attention(ctx: Context) -> dict:
            "input": "x (num_windows*B, 36, C) + timm's shift mask (num_windows, 36, 36) or None",
            "backends": {"timm": "timm WindowAttention, fused_attn=False (explicit softmax, official math)",
                         "timm_sdpa": "timm WindowAttention, fused_attn=True (its SDPA branch)",
-                        "math/sdpa/xformers/auto": "simmim_fast WindowAttention.from_timm(backend=...)"}}
+                        "math/sdpa/xformers/triton/auto": "simmim_fast WindowAttention.from_timm(backend=...); "
+                                                          "triton on windows: the fused kernel reads the mask"}}
     ctx.evidence.set_section("attention", dict(res, status="running"))
     for stage, (R, C, heads) in enumerate(ctx.plan.attn_stages, start=1):
         for shifted in (False, True):

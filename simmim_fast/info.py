@@ -340,6 +340,8 @@ def format_window_attention(report: dict) -> list[str]:
         lines.append(f"  {report['error']}")
         return lines
     lines.append(f"  auto -> {report.get('auto')}")
+    for r in report.get("triton_reasons", []):
+        lines.append(f"      - triton: {r}")
     for r in report.get("xformers_reasons", []):
         lines.append(f"      - xformers: {r}")
     for r in report.get("sdpa_reasons", []):
@@ -427,6 +429,9 @@ def collect_info() -> dict:
         ops_status, ops_report = BackendStatus("ops", False, None, [reason]), {n: [reason] for n in OP_NAMES}
     backends.append(ops_status)
     window_attention = probe_window_attention()
+    from simmim_fast.training.step_report import fast_step_report  # the training step's fast paths
+
+    training_step = fast_step_report()
     try:
         torch_info = _torch_info()
     except Exception as exc:
@@ -443,6 +448,7 @@ def collect_info() -> dict:
         "backends": {b.name: b.to_dict() for b in backends},
         "ops": ops_report,
         "window_attention": window_attention,
+        "training_step": training_step,
     }
 
 
@@ -495,7 +501,46 @@ def format_report(info: dict) -> str:
     if "window_attention" in info:
         add("")
         lines.extend(format_window_attention(info["window_attention"]))
+    if "training_step" in info:
+        from simmim_fast.training.step_report import format_fast_step
+
+        add("")
+        lines.extend(format_fast_step(info["training_step"]))
     return "\n".join(lines)
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--plan PRESET`` and its options (torch is imported only when it runs)."""
+    from simmim_fast.cli import names
+
+    def positive(kind):
+        def parse(text):
+            try:
+                v = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+            if not v > 0 or v != v or v in (float("inf"),):
+                raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+            return v
+        return parse
+
+    g = parser.add_argument_group("memory planner (--plan): per-GPU memory of a training step, DDP vs FSDP")
+    g.add_argument("--plan", metavar="PRESET", choices=names.PRESETS,
+                   help="plan a pretraining preset: parameters, gradients, AdamW state, activations and the total per "
+                        "GPU under DDP and FSDP, with and without activation checkpointing, and the largest batch per "
+                        "GPU that fits (simulated on fake tensors: no GPU needed, nothing allocated)")
+    g.add_argument("--gpus", type=positive(int), default=8, metavar="N", help="GPUs, one process each (default: 8)")
+    g.add_argument("--gpu-memory", type=positive(float), default=80.0, metavar="GIB",
+                   help="memory of one GPU in GiB (default: 80)")
+    g.add_argument("--batch-size", type=positive(int), default=None, metavar="B",
+                   help="images per GPU (default: the preset's)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16",
+                   help="autocast dtype of the step (default: bf16, the trainer's choice on CUDA)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="only the rows with activation checkpointing (default: with and without)")
+    g.add_argument("--img-size", type=positive(int), default=None, metavar="N", help="input size (default: the preset's)")
+    g.add_argument("--accum-steps", type=positive(int), default=1, metavar="N",
+                   help="gradient accumulation micro-steps (FSDP then keeps unsharded gradients; default: 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,7 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m simmim_fast.info", description="Report the environment and which fast paths are usable."
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_plan_arguments(parser)
     args = parser.parse_args(argv)
+    if args.plan is not None:  # the memory planner (training.planner), not the environment report
+        from simmim_fast.training.planner import plan_cli
+
+        return plan_cli(args)
     info = collect_info()
     if args.json:
         print(json.dumps(info, indent=2, default=str))

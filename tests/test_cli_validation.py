@@ -78,7 +78,8 @@ def test_one_declaration_gives_the_dataclass_the_parser_and_the_help():
         assert all(o.flag in help_text for o in cmd.options)
     assert "(default: 2)" in TRAIN.build_parser().format_help()  # --keep-checkpoints, once
     assert TRAIN.not_resumed == ("output", "resume", "max_steps", "device", "num_workers", "threads",
-                                 "log_all_ranks", "data_backend", "force")
+                                 "log_all_ranks", "strategy", "data_backend", "compile", "compile_backend",
+                                 "cuda_graphs", "force")
 
 
 def test_heavy_names_are_still_importable_from_the_cli_modules():

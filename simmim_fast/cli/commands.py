@@ -50,7 +50,15 @@ THREADS = Option("threads", int, range=POSITIVE, resumed=False, help="torch CPU 
 LOG_ALL_RANKS = Option("log_all_ranks", bool, False, resumed=False,
                        help="under torchrun, INFO log lines from every rank (otherwise rank 0 only)")
 ATTN_BACKEND = Option("attn_backend", str, "auto", choices=names.ATTN_BACKENDS,
-                      help="Swin window attention: auto = xformers on CUDA when it dispatches, else SDPA")
+                      help="Swin window attention: auto = on CUDA the fused Triton kernel when it supports the input, else "
+                           "xformers when it dispatches, else SDPA (triton needs CUDA, or TRITON_INTERPRET=1 on CPU: slow)")
+COMPILE = Option("compile", str, "auto", choices=names.COMPILE_MODES, resumed=False,
+                 help="torch.compile of the training step: blocks = each transformer block (one graph per block "
+                      "shape, reused by every block of that shape), model = the whole model, off; auto = blocks on "
+                      "CUDA, off on CPU")
+COMPILE_BACKEND = Option("compile_backend", str, "inductor", choices=names.COMPILE_BACKENDS, resumed=False,
+                         help="torch.compile backend: inductor (generated fused kernels); aot_eager / eager trace "
+                              "without code generation (debugging)")
 BASE_LR = Option("base_lr", float, range=POSITIVE, help="learning rate per 512 images of total batch (linear scaling)",
                  default_help=RECIPE)
 WARMUP_LR = Option("warmup_lr", float, range=NON_NEGATIVE, help="learning rate at the start of warmup, per 512 images",
@@ -72,8 +80,9 @@ FORCE = Option("force", bool, False, resumed=False,
 
 
 def odd_patch(value: int) -> str | None:
-    """None for a valid normalised-target window (odd, >= 3: the official count correction needs 2+ pixels)."""
-    return None if value >= 3 and value % 2 == 1 else "an odd window size >= 3"
+    """None for a valid normalised-target window (odd, >= 3: the official count correction needs 2+ pixels)
+    or 0 (off: raw pixels)."""
+    return None if value == 0 or (value >= 3 and value % 2 == 1) else "an odd window size >= 3, or 0 (off)"
 
 
 KEEP_CHECKPOINTS = Option("keep_checkpoints", int, 2, range=NON_NEGATIVE, help="newest checkpoints kept; 0 keeps all")
@@ -107,8 +116,16 @@ TRAIN = Command(
                help="run folder for checkpoints, logs and PNGs",
                default_help="runs/<preset>, or runs/<preset>-2, -3, ... when that one already holds a run; "
                             "with --resume, the newest of them"),
-        RESUME, EPOCHS, MAX_STEPS, BATCH_SIZE, ACCUM_STEPS, IMG_SIZE, PRECISION, DEVICE, SEED, GRAD_CHECKPOINTING,
+        replace(RESUME, path="file_or_dir", expect="a checkpoint file",  # or a .dcp folder / run folder (help)
+                help="continue from the newest checkpoint in --output (the flag alone), or from this checkpoint file, "
+                     "sharded checkpoint_<step>.dcp folder (any number of processes) or run folder"),
+        EPOCHS, MAX_STEPS, BATCH_SIZE, ACCUM_STEPS, IMG_SIZE, PRECISION, DEVICE, SEED, GRAD_CHECKPOINTING,
         NUM_WORKERS, THREADS, LOG_ALL_RANKS,
+        Option("strategy", str, "auto", choices=names.STRATEGIES, resumed=False,
+               help="under torchrun: ddp = a full replica per process; fsdp = FSDP2 sharding per transformer block "
+                    "(checkpoints become sharded checkpoint_<step>.dcp folders); auto = DDP when its step fits the "
+                    "device's memory, else FSDP (python -m simmim_fast.info --plan shows the numbers); one process: "
+                    "neither"),
         Option("data_backend", str, "auto", choices=names.DATA_BACKENDS, resumed=False,
                help="input pipeline: torch DataLoader, DALI (nvJPEG on CUDA, CPU mode on CPU), or auto = DALI "
                     "when nvidia.dali imports and the device is CUDA, else torch"),
@@ -122,7 +139,12 @@ TRAIN = Command(
         BASE_LR, WARMUP_LR, MIN_LR, WARMUP_EPOCHS, WEIGHT_DECAY, CLIP_GRAD, DROP_PATH,
         Option("ops_backend", str, "auto", choices=names.OPS_BACKENDS,
                help="fused ops: auto = Triton on CUDA, the PyTorch reference otherwise"),
-        ATTN_BACKEND, LOG_EVERY,
+        ATTN_BACKEND, COMPILE, COMPILE_BACKEND,
+        Option("cuda_graphs", str, "auto", choices=names.CUDA_GRAPH_MODES, const="on", resumed=False,
+               help="capture the whole step (forward, backward, clip, AdamW) in a CUDA graph and replay it; auto = on "
+                    "where the capture can hold (CUDA, bf16/fp32, one process, no accumulation), else off with the "
+                    "reason logged; the flag alone means on"),
+        LOG_EVERY,
         Option("save_every", int, 100, range=POSITIVE, help="optimizer steps between checkpoints"),
         KEEP_CHECKPOINTS,
         Option("vis_every", int, 0, range=NON_NEGATIVE,
@@ -131,11 +153,15 @@ TRAIN = Command(
         RECIPE_RULES, FORCE,
         Option("norm_target", int, const="47", check=odd_patch,
                help="regress normalised targets (SwinV2 SimMIM's NORM_TARGET): each target pixel normalised by the "
-                    "mean and variance of its PATCH x PATCH neighbourhood; the flag alone means 47 (official)",
-               default_help="off: raw pixels"),
+                    "mean and variance of its PATCH x PATCH neighbourhood; the flag alone means 47 (official); "
+                    "0 regresses raw pixels",
+               default_help="the preset's: 47 for the SwinV2 presets (their official config), else off"),
     ),
     rules=(Rule(("mask_patch_size", "img_size"), lambda mps, size: size % mps == 0,
-                "{mask_patch_size} must divide --img-size {img_size}"),),
+                "{mask_patch_size} must divide --img-size {img_size}"),
+           Rule(("strategy", "precision"), lambda strategy, precision: strategy != "fsdp" or precision != "fp16",
+                "fsdp runs --precision fp32 or bf16, not fp16 (its gradient scaler does not handle sharded "
+                "gradients): use --precision bf16"),),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +188,8 @@ FINETUNE = Command(
         Option("data_backend", str, "auto", choices=names.DATA_BACKENDS, resumed=False,
                help="input pipeline: torch (timm transforms), dali (GPU decode + augmentation; CPU mode without "
                     "CUDA), auto = dali when installed and the device is CUDA, else torch"),
-        GRAD_CHECKPOINTING, ATTN_BACKEND, BASE_LR, WARMUP_LR, MIN_LR, WARMUP_EPOCHS, WEIGHT_DECAY,
+        GRAD_CHECKPOINTING, ATTN_BACKEND, COMPILE, COMPILE_BACKEND, BASE_LR, WARMUP_LR, MIN_LR, WARMUP_EPOCHS,
+        WEIGHT_DECAY,
         Option("layer_decay", float, range=Range(0, 1, low_open=True), help="layer-wise lr decay (Swin-B 0.9, ViT-B 0.65)",
                default_help=RECIPE),
         CLIP_GRAD, DROP_PATH,

@@ -37,9 +37,12 @@ from ..models.classifier import (
 from ..models.interchange import FINETUNE_FORMAT, read_checkpoint
 from ..training import checkpoint as ckpt
 from ..training.cli import TrainingDiverged, quiet_other_ranks
+from ..training.compile import compile_model, compile_stats
 from ..training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from ..training.layer_decay import ScaledWarmupScheduler, layer_decay_param_groups
 from ..training.metrics import MetricsLog
+from ..training.optim import adamw_flags
+from ..training.optim_state import load_portable_state_dict, portable_state_dict
 from ..training.sampler import ResumableSampler
 from ..training.stepper import Stepper
 from ..training.threads import set_threads
@@ -359,6 +362,10 @@ def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> di
     if a.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
+    compiled = compile_model(model, a.compile, backend=a.compile_backend, device=device)  # lazy: the first step
+    if info.is_main:
+        for line in compiled.lines():
+            log.info("%s", line)
     seed_everything(a.seed + info.rank)  # drop-path (torch) and mixup/cutmix (numpy) draw from the global RNGs
 
     if backend == "dali":
@@ -372,7 +379,8 @@ def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> di
     last_step = min(total_steps, a.max_steps) if a.max_steps else total_steps
 
     groups = layer_decay_param_groups(model, lr=plan.lr, weight_decay=plan.weight_decay, layer_decay=plan.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(r.betas), eps=r.eps)
+    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(r.betas), eps=r.eps,
+                                  **adamw_flags((p for g in groups for p in g["params"])))  # fused on CUDA
     scheduler = ScaledWarmupScheduler(optimizer, base_lr=plan.lr, warmup_lr=plan.warmup_lr, min_lr=plan.min_lr,
                                       total_steps=total_steps, warmup_steps=int(plan.warmup_epochs * steps_per_epoch),
                                       kind="cosine")
@@ -398,7 +406,7 @@ def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> di
     best_ema = {"acc1": -1.0, "step": None, "epoch": None}
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_portable_state_dict(optimizer, state["optimizer"])  # this run's fused/foreach choice
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
@@ -488,7 +496,8 @@ def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> di
         if info.is_main:
             evals.write(row)
             full = payload(net.state_dict(), row)
-            full.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+            full.update(optimizer=portable_state_dict(optimizer), scheduler=scheduler.state_dict(),
+                        scaler=scaler.state_dict(),
                         ema=ema.module.state_dict() if ema is not None else None, best=dict(best),
                         best_ema=dict(best_ema), rng=rng_states, world_size=info.world_size)
             ckpt.atomic_save(full, path)
@@ -525,6 +534,10 @@ def _run(a: FinetuneArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> di
                 if not stepper.micro_step(step, compute_loss):
                     continue
                 step += 1
+                if step == first_step + 1 and compiled.mode != "off" and info.is_main:
+                    cs = compile_stats()
+                    log.info("torch.compile: first step %.1f s (host time, compilation included): %d graphs, %d graph "
+                             "breaks", time.perf_counter() - t_start, cs["graphs"], cs["graph_breaks"])
                 if ema is not None:
                     ema.update(_unwrap(model), step=step)
                 pbar.update(1)

@@ -29,11 +29,17 @@ from ..data.masking import MaskGenerator
 from ..data.transforms import build_pretrain_transform
 from ..models import create_model, get_preset
 from ..training import checkpoint as ckpt
+from ..training import fsdp
+from ..training import sharded_checkpoint as sharded
 from ..training.cli import TrainingDiverged, quiet_other_ranks
+from ..training.compile import compile_model, compile_stats
+from ..training.cuda_graphs import DeviceLr, GraphedStepper, cuda_graph_reasons, make_capturable
 from ..training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from ..training.memory import check_step_memory
 from ..training.metrics import MetricsLog
 from ..training.optim import WarmupScheduler, build_optimizer
+from ..training.optim_state import load_portable_state_dict, portable_state_dict
+from ..training.planner import choose_strategy, min_free_memory
 from ..training.plot import write_loss_plot
 from ..training.sampler import ResumableSampler
 from ..training.stepper import Stepper
@@ -92,6 +98,13 @@ def make_plan(a: TrainArgs, info: DistInfo) -> Plan:
     )
 
 
+def norm_target_override(value: int | None) -> dict:
+    """``create_model`` keywords for ``--norm-target``: None keeps the preset's (47 for the SwinV2 presets), 0 = off."""
+    if value is None:
+        return {}
+    return {"norm_target": value or None}
+
+
 def default_run_dir(preset: str, *, resume: bool, root: str | os.PathLike = "runs") -> Path:
     """The run folder when ``--output`` is not given: ``runs/<preset>``, or the first of ``runs/<preset>-2``,
     ``-3``, ... without checkpoints when it already holds a run (so the README command can be run again);
@@ -120,7 +133,7 @@ def _save(path: Path, *, model, optimizer, scheduler, scaler, step, epoch, args,
     state = {
         "format": "simmim_fast.pretrain.v1",
         "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": portable_state_dict(optimizer),  # tensor lr as a float: loads into any AdamW
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "step": step,
@@ -175,7 +188,7 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
 
     torch.manual_seed(a.seed + info.rank)
     # ---- model ---------------------------------------------------------------------------
-    overrides = {"img_size": plan.img_size, "loss": a.loss, "predict": a.predict, "norm_target": a.norm_target,
+    overrides = {"img_size": plan.img_size, "loss": a.loss, "predict": a.predict, **norm_target_override(a.norm_target),
                  "init": plan.recipe}
     if a.drop_path is not None:
         overrides["drop_path_rate"] = a.drop_path
@@ -188,12 +201,28 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
         model.set_grad_checkpointing(True)
     if plan.mask_patch_size % model.patch_size:
         raise ValueError(f"--mask-patch-size: {plan.mask_patch_size} must be a multiple of the model patch size {model.patch_size}")
-    model.to(device)
-    # fail fast on a batch that cannot fit (a simulated step on fake tensors; skipped with a warning if it cannot run)
-    check_step_memory(model, device=device, batch_size=plan.batch_size, precision=plan.precision,
-                      accum_steps=a.accum_steps, world_size=info.world_size,
-                      share=int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1,
-                      mask_patch_size=plan.mask_patch_size, mask_ratio=plan.mask_ratio, clip_grad=plan.clip_grad)
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    memory_kw = dict(mask_patch_size=plan.mask_patch_size, mask_ratio=plan.mask_ratio, clip_grad=plan.clip_grad)
+    # --strategy (training.planner): DDP or FSDP, decided and memory-checked before the model is on the device
+    choice = choose_strategy(a.strategy, model, device=device, world_size=info.world_size, batch_size=plan.batch_size,
+                             precision=plan.precision, accum_steps=a.accum_steps, share=share,
+                             free=min_free_memory(device, info) if info.distributed else None, **memory_kw)
+    strategy = choice.strategy  # "single" | "ddp" | "fsdp"
+    if info.is_main and (info.distributed or a.strategy != "auto"):
+        log.info("strategy: %s", choice.why)
+    if strategy != "fsdp":
+        model.to(device)
+    if strategy == "single":
+        # fail fast on a batch that cannot fit (a simulated step on fake tensors; skipped with a warning if it cannot run)
+        check_step_memory(model, device=device, batch_size=plan.batch_size, precision=plan.precision,
+                          accum_steps=a.accum_steps, world_size=info.world_size, share=share, **memory_kw)
+    # regional compilation by default on CUDA, off on CPU (training.compile); lazy: the first step compiles
+    compiled = compile_model(model, a.compile, backend=a.compile_backend, device=device)
+    if info.is_main:
+        for line in compiled.lines():
+            log.info("%s", line)
+    if strategy == "fsdp":  # FSDP2 per block, then the root; each unit moves to the device as it is sharded
+        fsdp.shard_model(model, device=device, precision=plan.precision, grad_checkpointing=a.grad_checkpointing)
 
     # ---- data ----------------------------------------------------------------------------
     data_root = a.data
@@ -209,6 +238,9 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
         mask_ratio=plan.mask_ratio,
         strategy=a.mask_strategy,
     )
+    # the masked-only head's token count when it is static (the official generator): no device sync, and
+    # the gather keeps a static shape under --compile model and in CUDA graphs
+    head_count, head_why = model.static_head_count(plan.batch_size, mask_gen)
     data_backend = select_data_backend(a.data_backend, device)  # logs its choice once
     if data_backend == "dali":
         # DALI: same order/sharding as ResumableSampler; on CUDA the batches arrive on the GPU
@@ -240,11 +272,26 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
     )
     amp_dtype = PRECISIONS[plan.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
+    graph_reasons = cuda_graph_reasons(device=device, precision=plan.precision, distributed=info.distributed,
+                                       accum_steps=a.accum_steps, grad_checkpointing=a.grad_checkpointing)
+    use_graphs = a.cuda_graphs != "off" and not graph_reasons
+    if info.is_main and a.cuda_graphs != "off" and graph_reasons:
+        (log.warning if a.cuda_graphs == "on" else log.info)("CUDA graphs: off: %s", "; ".join(graph_reasons))
+    if use_graphs:  # AdamW capturable, its lr a device tensor the schedule writes (no re-capture)
+        scheduler = DeviceLr(scheduler, make_capturable(optimizer))
 
     step = 0
     if state is not None:
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if not state.get("sharded") and "optimizer" not in state:
+            raise ValueError(f"--resume: {resume_path} holds no optimizer state (a consolidated or converted "
+                             f"checkpoint); resume from the training checkpoint it was made from")
+        if state.get("sharded"):  # a .dcp folder: DCP reshards to this run's processes (or an unsharded model)
+            sharded.load_sharded(resume_path, model=model, optimizer=optimizer)
+        elif strategy == "fsdp":  # a single file into FSDP: every rank keeps its shards
+            sharded.load_full_state(state, model=model, optimizer=optimizer)
+        else:
+            _unwrap(model).load_state_dict(state["model"])
+            load_portable_state_dict(optimizer, state["optimizer"])  # fused/foreach/capturable: this run's choice
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         rngs = state["rng"]
@@ -252,7 +299,7 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
         if info.is_main:
             log.info("resumed from %s at step %d", resume_path, step)
             print(f"resumed from {resume_path} at step {step}", flush=True)
-    if info.distributed:
+    if strategy == "ddp":
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # Resume: both backends restart at this rank's sample of the interrupted epoch (same images, same
@@ -281,7 +328,20 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
         )
 
     model.train()
-    stepper = Stepper(model, optimizer, scheduler, scaler, info=info, accum_steps=a.accum_steps, clip_grad=plan.clip_grad)
+    if use_graphs:
+        stepper = GraphedStepper(model, optimizer, scheduler, info=info, clip_grad=plan.clip_grad, head_count=head_count,
+                                 amp_dtype=amp_dtype if plan.precision != "fp32" else None)
+    else:
+        stepper = Stepper(model, optimizer, scheduler, scaler, info=info, accum_steps=a.accum_steps,
+                          clip_grad=plan.clip_grad)
+    if info.is_main:
+        if use_graphs:
+            log.info("CUDA graphs: on (warm-up steps, then the whole step captured once and replayed)")
+        if head_count is not None:
+            log.info("masked-only head: %d tokens per step (a static count: no device sync)", head_count)
+        elif compiled.mode == "model" or use_graphs:
+            log.info("masked-only head: off under --compile model / CUDA graphs (%s): the full head runs", head_why)
+    t_first = time.perf_counter()
     skipped_total = skipped_logged = 0
     images_since = 0
     t_log = t_start = time.perf_counter()
@@ -301,16 +361,30 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
                 f"loss became NaN/inf between step {checked_step + 1} and step {step}; stopping. "
                 f"Nothing was saved after it: last good checkpoint: {last_ckpt or 'none'}"
             )
+            if head_count is not None and data_backend == "dali" and device.type == "cuda":
+                msg += (f" (or a batch's mask held more than the {head_count} masked head tokens the static count "
+                        f"allows: the masked-only head then returns NaN)")
             raise TrainingDiverged(msg)
         checked_step = step
 
     def save_now() -> Path:
         nonlocal last_saved, last_ckpt
         check_finite()
-        ckpt.check_state_finite(_unwrap(model).state_dict(), optimizer, step=step, last_good=last_ckpt)
+        if strategy == "fsdp":  # each rank checks its shards; all stop together
+            fsdp.check_sharded_state_finite(model, optimizer, step=step, last_good=last_ckpt)
+        else:
+            ckpt.check_state_finite(_unwrap(model).state_dict(), optimizer, step=step, last_good=last_ckpt)
         rng_states = all_gather_objects(ckpt.rng_state(), info)
         path = None
-        if info.is_main:
+        if strategy == "fsdp":  # every rank writes its shards into checkpoint_<step>.dcp (training.sharded_checkpoint)
+            path = sharded.save_sharded(
+                ckpt.sharded_path(output, step), model=model, optimizer=optimizer, info=info,
+                meta={"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                      "epoch": step // steps_per_epoch, "args": asdict(a), "plan": asdict(plan), "rng": rng_states,
+                      "world_size": info.world_size})
+            if info.is_main:
+                ckpt.prune_checkpoints(output, a.keep_checkpoints)
+        elif info.is_main:
             path = _save(ckpt.checkpoint_path(output, step), model=model, optimizer=optimizer, scheduler=scheduler,
                          scaler=scaler, step=step, epoch=step // steps_per_epoch, args=a, plan=plan,
                          rng_states=rng_states, world_size=info.world_size)
@@ -330,7 +404,7 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
             log.warning("loss.png not written: %s", e)
 
     def save_pictures() -> None:
-        if not info.is_main or vis_batch is None:
+        if vis_batch is None or not (info.is_main or strategy == "fsdp"):  # FSDP: every rank's predict gathers
             return
         images, masks = vis_batch
         net = _unwrap(model)
@@ -339,33 +413,48 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
             pred = net.predict(images, masks)
         net.train()
         # with normalised targets the prediction lives in target space: picture it against the targets
-        shown = net.targets(images) if a.norm_target else images
-        save_reconstruction_grid(output / f"reconstruction_{step:08d}.png", shown, masks, pred)
+        shown = net.targets(images) if net.norm_target else images
+        if info.is_main:
+            save_reconstruction_grid(output / f"reconstruction_{step:08d}.png", shown, masks, pred)
 
     try:
         if step < last_step:
             for images, masks, skipped in loader:
-                head_tokens = None
-                if device.type == "cuda" and masks.device.type == "cpu":
+                head = {}
+                if head_count is not None:
+                    head = {"head_count": head_count}
+                    if masks.device.type == "cpu" and device.type != "cpu":  # the loader's CPU copy: no sync
+                        _unwrap(model).check_head_count(masks, head_count)
+                elif device.type == "cuda" and masks.device.type == "cpu" and compiled.mode != "model":
                     # the masked-only head's token index from the CPU mask: no device sync in forward
                     idx = _unwrap(model).masked_head_tokens(images, masks)
                     if idx is not None:
-                        head_tokens = idx.pin_memory().to(device, non_blocking=True)
-                images = images.to(device, non_blocking=True)
-                masks = masks.to(device, torch.bool, non_blocking=True)  # bool: no value check in the model
+                        head = {"head_tokens": idx.pin_memory().to(device, non_blocking=True)}
                 skipped_total += skipped
-                if vis_batch is None:
-                    vis_batch = (images[: a.vis_images].clone(), masks[: a.vis_images].clone())
                 images_since += images.shape[0] * info.world_size
+                if isinstance(stepper, GraphedStepper):  # the batch goes into the graph's static buffers
+                    if vis_batch is None:
+                        vis_batch = (images[: a.vis_images].to(device), masks[: a.vis_images].to(device, torch.bool))
+                    stepper.train_step(step, images, masks)
+                else:
+                    images = images.to(device, non_blocking=True)
+                    masks = masks.to(device, torch.bool, non_blocking=True)  # bool: no value check in the model
+                    if vis_batch is None:
+                        vis_batch = (images[: a.vis_images].clone(), masks[: a.vis_images].clone())
 
-                def compute_loss() -> torch.Tensor:
-                    with autocast:
-                        return model(images, masks, head_tokens=head_tokens)
+                    def compute_loss() -> torch.Tensor:
+                        with autocast:
+                            return model(images, masks, **head)
 
-                if not stepper.micro_step(step, compute_loss):
-                    continue
+                    if not stepper.micro_step(step, compute_loss):
+                        continue
                 step += 1
                 pbar.update(1)
+                if step == first_step + 1 and compiled.mode != "off" and info.is_main:
+                    cs = compile_stats()
+                    log.info("torch.compile: first step %.1f s (host time, compilation included): %d graphs, %d graph "
+                             "breaks%s", time.perf_counter() - t_first, cs["graphs"], cs["graph_breaks"],
+                             f" ({'; '.join(cs['break_reasons'])})" if cs["graph_breaks"] else "")
 
                 if step % a.log_every == 0 or step == last_step:
                     check_finite()
@@ -375,7 +464,7 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
                     mean_loss = stepper.pop_mean_loss()  # over all ranks
                     row = {
                         "step": step, "epoch": step // steps_per_epoch, "loss": mean_loss,
-                        "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(stepper.grad_norm),
+                        "lr": float(optimizer.param_groups[0]["lr"]), "grad_norm": float(stepper.grad_norm),
                         "img_per_s": round(rate, 3), "skipped_images": skipped_total,
                         "elapsed_s": round(now - t_start, 3),
                     }
@@ -413,6 +502,9 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
         "resumed_from": str(resume_path) if resume_path else None,
         "skipped_images": skipped_total,
         "output": str(output),
+        "compile": compiled.mode,
+        "cuda_graphs": stepper.status if isinstance(stepper, GraphedStepper) else "off",
+        "strategy": strategy,
     }
     if info.is_main and summary["steps_this_run"] == 0:
         print(f"already complete: step {step}/{total_steps}, nothing to do (raise --max-steps or --epochs to "

@@ -115,14 +115,17 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a file that holds no state dict.
     """
-    from ..training.checkpoint import latest_checkpoint
+    from ..training.checkpoint import is_sharded, latest_checkpoint, load_checkpoint
 
     p = Path(path).expanduser()
-    if p.is_dir():
+    if p.is_dir() and not is_sharded(p):
         found = latest_checkpoint(p)
         if found is None:
             raise FileNotFoundError(f"checkpoint: no checkpoint_<step>.pt file in the run folder {p}")
         p = found
+    if is_sharded(p):  # an FSDP run's checkpoint_<step>.dcp folder: its model consolidated (training.sharded_checkpoint)
+        state = load_checkpoint(p)
+        return Checkpoint("pretrain", _tensors_only(state["model"]), p, {k: v for k, v in state.items() if k != "model"})
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint: {p} does not exist (expected a checkpoint file or a run folder)")
     if p.suffix == ".safetensors":
@@ -937,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--output", required=True, help="checkpoint file to write (e.g. runs/official/checkpoint_00000000.pt)")
     c.add_argument("--preset", default=None)
+    s = sub.add_parser("consolidate", help="sharded FSDP checkpoint (checkpoint_<step>.dcp folder) -> one .pt file")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint_<step>.dcp folder, or a run folder (its newest)")
+    s.add_argument("--output", required=True, help="checkpoint file to write (.pt): the full model, no optimizer state")
     return p
 
 
@@ -985,6 +991,12 @@ def main(argv: list[str] | None = None) -> int:
             if a.check:
                 diff = _check_export(a.checkpoint, export, weights, a.preset)
                 print(f"timm reload check: max |features difference| = {diff:.3g}")
+        elif a.command == "consolidate":
+            from ..training.sharded_checkpoint import write_consolidated
+
+            out, src, n = write_consolidated(a.checkpoint, a.output)
+            print(f"wrote {out} ({n} tensors, the model of the sharded checkpoint {src}); export, finetune "
+                  f"--pretrained, visualize and probe read it")
         else:
             from ..training.checkpoint import atomic_save
 

@@ -13,8 +13,12 @@ the loss reads that layout directly (``ops.masked_l1_loss``).
 Masked-only head: when the loss covers masked pixels only and the mask cells align with the
 encoder's token grid, ``forward`` runs the head on the tokens holding masked pixels only
 (``ops.masked_head_loss``: gather -> GEMM -> fused loss), same loss and gradients as the full head.
-It is decided per call (``ops.masked_head_plan``), off while ``torch.compile`` traces the model (the
-number of gathered tokens is data-dependent) and can be switched off with ``model.masked_head = False``.
+It is decided per call (``ops.masked_head_plan``) and can be switched off with ``model.masked_head = False``.
+Under ``torch.compile`` of the whole model and in CUDA graphs the number of gathered tokens must be
+static: with the official mask generator every image masks exactly ``mask_count`` cells, so
+``static_head_count(batch_size, mask_generator)`` gives it on the host and ``forward(..., head_count=N)``
+gathers with that static shape (``ops.masked_head.static_token_index``: no device sync). Without it the
+compiled model runs the full head (same loss).
 
 Normalised targets (``norm_target=47``, SwinV2 SimMIM's ``NORM_TARGET``): the loss regresses each
 masked pixel normalised by its 47 x 47 neighbourhood (``ops.normalize_targets``); ``predict`` then
@@ -27,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import masked_head_loss, masked_head_plan, masked_l1_loss, normalize_targets, pixel_shuffle_head
-from ..ops.masked_head import check_token_index
+from ..ops.masked_head import check_token_index, static_head_count, static_token_index, token_mask
 from ..ops.masked_l1_loss import LOSSES, REGIONS
 from ..ops.norm_target import check_norm_target
 
@@ -115,8 +119,32 @@ class SimMIM(nn.Module):
         index, _ = masked_head_plan(mask, (h, w), tuple(images.shape[2:]), region=self.predict_region)
         return index
 
+    def static_head_count(self, batch_size: int, mask_generator) -> tuple[int | None, str]:
+        """``(N, "")``: the masked-only head's token count for batches of ``batch_size`` masks drawn by
+        ``mask_generator`` (a :class:`~simmim_fast.MaskGenerator`: exactly ``mask_count`` cells per image),
+        to pass as ``forward(..., head_count=N)``; ``(None, reason)`` when it is not static (the head then
+        needs ``head_tokens`` or the full head)."""
+        if not self.masked_head:
+            return None, "the model's masked_head is off"
+        for attr in ("input_size", "mask_patch_size", "mask_count"):
+            if not hasattr(mask_generator, attr):
+                raise TypeError(f"mask_generator: expected a simmim_fast.MaskGenerator, got "
+                                f"{type(mask_generator).__name__}")
+        size = mask_generator.input_size
+        if (size, size) != self.img_size:
+            raise ValueError(f"mask_generator: input_size {size} differs from the model's image size {self.img_size}")
+        cells = size // mask_generator.mask_patch_size
+        grid = (self.img_size[0] // self.encoder_stride, self.img_size[1] // self.encoder_stride)
+        return static_head_count(batch_size=batch_size, grid=grid, mask_grid=(cells, cells),
+                                 masked_cells=int(mask_generator.mask_count), region=self.predict_region)
+
     def forward(
-        self, images: torch.Tensor, mask: torch.Tensor, *, head_tokens: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        head_tokens: torch.Tensor | None = None,
+        head_count: int | None = None,
     ) -> torch.Tensor:
         """Loss (float32 scalar) of the official ``SimMIM.forward(x, mask)``.
 
@@ -127,8 +155,19 @@ class SimMIM(nn.Module):
         holding masked pixels (``ops.check_token_index``): dtype, shape, device and count are always
         checked (ValueError), its values when it is on the CPU (or always with
         ``check_head_tokens=True``, which synchronises on CUDA; never with False).
+
+        ``head_count``: the static number of tokens holding masked pixels in this batch
+        (``static_head_count``); the head gathers them with a static shape and no device sync, which is
+        what ``torch.compile`` of the whole model and CUDA graphs need. On a CPU mask outside
+        ``torch.compile`` the count is checked (ValueError); elsewhere a batch with more such tokens than
+        ``head_count`` gives a NaN loss (never a silently partial one) and fewer is exact. Ignored when
+        ``masked_head`` is off; not together with ``head_tokens``.
         """
         self._check(images, mask)
+        if head_count is not None and head_tokens is not None:
+            raise ValueError("head_count: give head_tokens or head_count, not both")
+        if head_count is not None and self.masked_head:
+            return self._static_head_loss(images, mask, head_count)
         if head_tokens is not None:
             if (not isinstance(head_tokens, torch.Tensor) or head_tokens.dim() != 1
                     or head_tokens.dtype != torch.int64 or head_tokens.device != images.device):
@@ -158,6 +197,34 @@ class SimMIM(nn.Module):
             pred, images, mask, loss=self.loss_type, region=self.predict_region, norm_target=self.norm_target,
             backend=self.ops_backend,
         )
+
+    def check_head_count(self, mask: torch.Tensor, head_count: int) -> None:
+        """ValueError unless exactly ``head_count`` head tokens of ``mask`` hold masked pixels (on a CUDA
+        mask this synchronises: call it on the loader's CPU copy)."""
+        h, w = self.img_size[0] // self.encoder_stride, self.img_size[1] // self.encoder_stride
+        found = int(token_mask(mask, (h, w), self.img_size).sum())
+        if found != head_count:
+            raise ValueError(f"head_count: {head_count}, but {found} tokens of this batch hold masked pixels "
+                             f"(static_head_count needs exactly the generator's mask_count cells per image)")
+
+    def _static_head_loss(self, images: torch.Tensor, mask: torch.Tensor, head_count: int) -> torch.Tensor:
+        if isinstance(head_count, bool) or not isinstance(head_count, int) or head_count <= 0:
+            raise ValueError(f"head_count: expected a positive int (from static_head_count), got {head_count!r}")
+        if self.predict_region != "masked":
+            raise ValueError(f"head_count: the masked-only head needs predict='masked', this model predicts "
+                             f"{self.predict_region!r} (every token)")
+        h, w = self.img_size[0] // self.encoder_stride, self.img_size[1] // self.encoder_stride
+        size = tuple(images.shape[2:])
+        if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            self.check_head_count(mask, head_count)
+        index, overflow = static_token_index(mask, (h, w), size, head_count)
+        z = self.encoder(images, mask)  # (B, h, w, F)
+        weight, bias = self._head_params()
+        loss = masked_head_loss(
+            z, weight, bias, images, mask, token_index=index, loss=self.loss_type, norm_target=self.norm_target,
+            check_index=False, backend=self.ops_backend,
+        )
+        return torch.where(overflow, torch.full_like(loss, float("nan")), loss)  # left-out tokens: NaN, not a number
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ nothing but work. :func:`check_token_index` checks it: type, dtype, shape, devic
 when the index is on the CPU and not under ``torch.compile``, or on any device with
 ``check_index=True`` (a debug switch: on CUDA it synchronises with the device). The trainer moves an
 index computed from the CPU mask to the GPU, so its hot path pays only the cheap checks.
+
+Static count (``torch.compile`` of the whole model, CUDA graphs): when every image masks the same number
+of cells that cover whole tokens (the official generator), :func:`static_head_count` gives the number of
+gathered tokens on the host and :func:`static_token_index` builds the index on the device with that static
+shape and no sync (a sort of unique keys), plus a flag for a mask with more masked tokens than the count.
 """
 from __future__ import annotations
 
@@ -77,6 +82,62 @@ def token_mask(mask: torch.Tensor, grid: tuple[int, int], image_size: tuple[int,
 def masked_token_index(mask: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
     """``(N,)`` int64: flattened ``(B, h, w)`` indices of the tokens holding at least one masked pixel."""
     return token_mask(mask, grid, image_size).flatten().nonzero().squeeze(1)
+
+
+def static_head_count(
+    *,
+    batch_size: int,
+    grid: tuple[int, int],
+    mask_grid: tuple[int, int],
+    masked_cells: int,
+    region: str = "masked",
+) -> tuple[int | None, str]:
+    """``(count, "")``: the number of tokens the masked-only head gathers per step, known on the host.
+
+    When every image masks exactly ``masked_cells`` cells of a ``mask_grid`` (the official generator:
+    ``mask_count = ceil(cells * ratio)`` of ``(input_size // mask_patch_size)**2``) and each cell covers
+    whole tokens of the head's ``grid`` (the cell a multiple of the encoder stride), the count is
+    ``batch_size * masked_cells * (h // mh) * (w // mw)`` for every batch, so the gather can have a static
+    shape (``torch.compile``, CUDA graphs; :func:`static_token_index`). ``(None, reason)`` otherwise.
+    """
+    for name, v in (("batch_size", batch_size), ("masked_cells", masked_cells)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    if region != "masked":
+        return None, f"region={region!r}: every token is predicted"
+    (h, w), (mh, mw) = grid, mask_grid
+    if h % mh or w % mw:
+        return None, (f"mask cells (a {mh}x{mw} grid) do not cover whole head tokens (a {h}x{w} grid): how many "
+                      f"tokens hold masked pixels depends on the mask")
+    if masked_cells > mh * mw:
+        raise ValueError(f"masked_cells: {masked_cells} is more than the {mh * mw} cells of a {mh}x{mw} grid")
+    count = batch_size * masked_cells * (h // mh) * (w // mw)
+    if count >= batch_size * h * w:
+        return None, "every token holds masked pixels"
+    return count, ""
+
+
+def static_token_index(
+    mask: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int], count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index (count,) int64, overflow () bool)`` without a device sync and with a static shape.
+
+    ``index`` lists the tokens holding masked pixels first, in ascending order (what
+    :func:`masked_token_index` gives when there are exactly ``count`` of them), then, if there are fewer,
+    tokens without masked pixels (which add nothing to the loss or its gradients: still exact).
+    ``overflow`` is True when more than ``count`` tokens hold masked pixels: then some were left out
+    and the caller must not use the result (the SimMIM model turns its loss into NaN, which the
+    trainer's finite check reports). Equivalent PyTorch (when exactly ``count`` tokens hold masked
+    pixels): ``masked_token_index(mask, grid, image_size)``.
+    """
+    t = token_mask(mask, grid, image_size).flatten()  # (B*h*w,) bool
+    total = t.numel()
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= total:
+        raise ValueError(f"count: expected an int in [1, {total}] (B*h*w tokens), got {count!r}")
+    # unique keys: masked tokens (key = position) sort before the others (key = total + position)
+    key = torch.arange(total, device=t.device) + (~t).to(torch.int64) * total
+    index = torch.argsort(key)[:count]
+    return index, t.sum() > count
 
 
 def masked_head_plan(

@@ -5,6 +5,11 @@ A run killed at any moment leaves only complete ``checkpoint_<step>.pt`` files (
 resuming takes the newest complete one; ``load_latest`` also steps back past a damaged newest file.
 Before a save the trainers check the weights and optimizer state are finite (``nonfinite_tensors``).
 
+Two forms, one numbering: a single file ``checkpoint_<step>.pt`` (one process, DDP), or a sharded folder
+``checkpoint_<step>.dcp/`` (FSDP, written by ``torch.distributed.checkpoint``: ``training.sharded_checkpoint``,
+renamed into place when complete). Listing, resuming, pruning, branches and stale-temp cleanup treat both
+alike; ``load_checkpoint`` reads a folder's metadata (and, asked for the weights, its consolidated model).
+
 Branches (``plan_resume``). Resuming from a checkpoint at step ``s`` into a run folder that already
 holds checkpoints of later steps (``--resume <output>/checkpoint_<s>.pt`` while ``checkpoint_<t>.pt``,
 ``t > s``, is there) starts a new line of training from ``s``. Continuing in the folder would let the
@@ -44,24 +49,37 @@ import torch
 
 from .. import serialization
 
-_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+_NAME = re.compile(r"^checkpoint_(\d+)\.(pt|dcp)$")
 
 
 def checkpoint_path(output: str | os.PathLike, step: int) -> Path:
     return Path(output) / f"checkpoint_{step:08d}.pt"
 
 
+def sharded_path(output: str | os.PathLike, step: int) -> Path:
+    """The sharded (FSDP) checkpoint folder of ``step``: ``checkpoint_<step>.dcp``."""
+    return Path(output) / f"checkpoint_{step:08d}.dcp"
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete sharded checkpoint folder (``checkpoint_<step>.dcp``)."""
+    from .sharded_checkpoint import is_sharded_checkpoint
+
+    return is_sharded_checkpoint(path)
+
+
 def list_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the complete checkpoints in ``output``, oldest first."""
+    """``(step, path)`` of the complete checkpoints in ``output``, oldest first: ``checkpoint_<step>.pt`` files
+    and ``checkpoint_<step>.dcp`` folders (a folder sorts after a file of the same step)."""
     out = Path(output)
     if not out.is_dir():
         return []
     found = []
     for p in out.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+        if m and (p.is_file() if m.group(2) == "pt" else is_sharded(p)):
+            found.append((int(m.group(1)), m.group(2) == "dcp", p))
+    return [(s, p) for s, _, p in sorted(found)]
 
 
 def latest_checkpoint(output: str | os.PathLike) -> Path | None:
@@ -70,6 +88,7 @@ def latest_checkpoint(output: str | os.PathLike) -> Path | None:
 
 
 _TEMP = re.compile(r"^\.(?:checkpoint_\d+|best|best_ema)\.pt\.(\d+)\.tmp$")
+_TEMP_DIR = re.compile(r"^\.checkpoint_\d+\.dcp\.(\d+)(?:\.old)?\.tmp$")  # sharded_checkpoint.save_sharded
 
 
 def _pid_alive(pid: int) -> bool:
@@ -95,6 +114,10 @@ def clean_stale_temps(output: str | os.PathLike) -> list[Path]:
         m = _TEMP.match(p.name)
         if m and p.is_file() and not _pid_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
+            removed.append(p)
+        m = _TEMP_DIR.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
@@ -156,7 +179,10 @@ def prune_checkpoints(output: str | os.PathLike, keep: int) -> None:
     if keep <= 0:
         return
     for _, p in list_checkpoints(output)[:-keep]:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -223,7 +249,7 @@ def load_latest(output: str | os.PathLike, map_location="cpu") -> tuple[Path, di
     notes = []
     for _, path in reversed(list_checkpoints(output)):
         try:
-            return path, load_checkpoint(path, map_location=map_location), notes
+            return path, load_checkpoint(path, map_location=map_location, weights=False), notes
         except serialization.UnsafeCheckpointError:
             raise
         except Exception as e:  # damaged: ValueError from the loader, or whatever a garbled pickle raises
@@ -302,7 +328,7 @@ def resume_point(resume: str | None, output: str | os.PathLike, *, is_main: bool
                              f"or choose another --output")
         return None, None
     if resume != "auto":
-        return Path(resume), load_checkpoint(resume)
+        return Path(resume), load_checkpoint(resume, weights=False)
     found = load_latest(output)
     if found is None:
         if is_main:
@@ -314,8 +340,22 @@ def resume_point(resume: str | None, output: str | os.PathLike, *, is_main: bool
     return path, state
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """A checkpoint of ours, read as data (``serialization.load``: never a full unpickle)."""
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, weights: bool = True) -> dict:
+    """A checkpoint of ours, read as data (``serialization.load``: never a full unpickle).
+
+    A sharded ``checkpoint_<step>.dcp`` folder gives its metadata (``step``, ``args``, ``plan``, ``scheduler``,
+    ``scaler``, ``rng``, ``world_size``, ``sharded: True``; its DCP index checked) and, with ``weights``, the
+    model consolidated into ordinary CPU tensors under ``model`` (no optimizer state: a trainer loads the
+    shards with ``sharded_checkpoint.load_sharded``). ``weights`` does not matter for a file.
+    """
+    if Path(path).is_dir() and Path(path).suffix == ".dcp":
+        from . import sharded_checkpoint as sc
+
+        meta = sc.read_meta(path)
+        sc.read_dcp_metadata(path)  # data only, inside the folder: refused (raises) otherwise
+        if weights:
+            meta["model"] = sc.consolidated_state(path)
+        return meta
     state = serialization.load(path, map_location=map_location)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint: {path} holds a {type(state).__name__}, not a simmim-fast checkpoint")
@@ -331,10 +371,17 @@ def resumed_settings(resume: str | None, output: str | os.PathLike) -> dict:
     if resume is None:
         return {}
     path = latest_checkpoint(output) if resume == "auto" else Path(resume)
-    if path is None or not path.is_file():
+    if path is not None and path.is_dir() and not is_sharded(path):  # a run folder: its newest checkpoint
+        path = latest_checkpoint(path)
+    if path is None or not (path.is_file() or is_sharded(path)):
         return {}
     try:
-        state = serialization.load(path, mmap=True)
+        if path.is_dir():
+            from .sharded_checkpoint import read_meta
+
+            state = read_meta(path)
+        else:
+            state = serialization.load(path, mmap=True)
     except (ValueError, FileNotFoundError):  # damaged or unsafe: reported when the run loads it
         return {}
     return dict(state.get("args", {})) if isinstance(state, dict) else {}
@@ -353,7 +400,7 @@ def merge_resumed(merged: dict, explicit: dict, saved: dict, *, keep: tuple[str,
 
 _BRANCH = re.compile(r"^branch-(\d+)(?:-(\d+))?$")
 _ABANDONED = re.compile(r"^abandoned-(\d+)$")
-_STEP_FILES = re.compile(r"^(?:checkpoint_(\d+)\.pt|reconstruction_(\d+)\.png)$")
+_STEP_FILES = re.compile(r"^(?:checkpoint_(\d+)\.(?:pt|dcp)|reconstruction_(\d+)\.png)$")
 _BEST_FILES = ("best.pt", "best_ema.pt")
 _LOG_FILES = ("metrics.csv", "eval.csv", "loss.png")
 BRANCH_INFO = "BRANCH.json"
@@ -448,7 +495,7 @@ def _move_aside(output: Path, step: int) -> tuple[Path | None, list[Path]]:
     later = []
     for p in sorted(output.iterdir()):
         m = _STEP_FILES.match(p.name)
-        if m and p.is_file() and int(m.group(1) or m.group(2)) > step:
+        if m and (p.is_file() or is_sharded(p)) and int(m.group(1) or m.group(2)) > step:
             later.append(p)
         elif p.name in _BEST_FILES and p.is_file():
             best_step = _file_step(p)
@@ -490,7 +537,7 @@ def plan_resume(resume: str | os.PathLike | None, output: str | os.PathLike, *, 
             raise ValueError(f"--output: {output} already holds checkpoints; pass --resume to continue that run "
                              f"or choose another --output")
         return ResumePlan(None, None, 0, Path(write_dir) if write_dir else output)
-    if resume == "auto" or Path(resume).is_dir():
+    if resume == "auto" or (Path(resume).is_dir() and not is_sharded(resume)):
         folder = output if resume == "auto" else Path(resume)
         found = load_latest(folder)
         if found is None:
@@ -502,7 +549,7 @@ def plan_resume(resume: str | os.PathLike | None, output: str | os.PathLike, *, 
         path, state, skipped = found
         notes += [f"--resume: {n}; resuming from {path.name} instead" for n in skipped]
     else:
-        path, state = Path(resume), load_checkpoint(resume)
+        path, state = Path(resume), load_checkpoint(resume, weights=False)
     step = _state_step(state)
     newer = tuple(p for s, p in list_checkpoints(output) if s > step and p.resolve() != path.resolve())
     if resume == "auto":  # the newest readable one: anything newer is damaged, and is overwritten in time

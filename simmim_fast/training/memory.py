@@ -12,7 +12,12 @@ not include the allocator's fragmentation or the CUDA context (hence ``safety`` 
 
 The parts are reported separately (``params``, ``buffers``, ``grads``, ``optimizer``, ``activations``,
 ``per_image``), so that a planner can divide parameters, gradients and optimizer state by N for FSDP
-sharding and keep the activations per GPU (issue 13). ``activations`` is the largest amount of
+sharding and keep the activations per GPU (issue 13; ``training.planner``). For that planner the
+"everything else" peak is also split in two: ``fsdp_activations``, its forward + backward part without
+autocast's low-precision copies of the transformer blocks' weights (the ``_to_copy`` of a block parameter,
+followed like any storage: FSDP with a bf16 policy all-gathers those weights in bf16 per block instead,
+``training.fsdp``, so it never makes them), and ``update_temporaries``, its part during grad-norm clipping
+and the AdamW update (temporaries the size of the parameters, which FSDP shards with them). ``activations`` is the largest amount of
 "everything else" live at one moment (it peaks at the end of the forward, when few gradients exist
 yet); ``total`` is the measured peak of everything together, which is less than the sum of the parts.
 
@@ -80,6 +85,11 @@ class MemoryEstimate:
     total: int
     ddp_buckets: int = 0
     notes: tuple[str, ...] = field(default=())
+    fsdp_activations: int | None = None  # forward + backward part of ``activations``, without autocast's block-weight copies
+    update_temporaries: int | None = None  # the clip + AdamW part: temporaries of the parameters' size
+    forward_peak: int | None = None  # ``total`` during forward + backward (grows with the batch) ...
+    update_peak: int | None = None  # ... and during clip + AdamW (does not); ``total`` is the larger
+    working_set: int = 0  # FSDP: parameters/gradients unsharded at once (training.planner), in ``total``
 
     @property
     def resident(self) -> int:
@@ -93,16 +103,21 @@ class MemoryEstimate:
 
     @property
     def fixed(self) -> int:
-        """Bytes of ``total`` that do not grow with the batch."""
-        return self.total - self._slope() * self.batch_size
+        """Bytes of the forward + backward peak that do not grow with the batch (of ``total`` when the
+        phases were not told apart)."""
+        peak = self.forward_peak if self.forward_peak is not None else self.total
+        return peak - self._slope() * self.batch_size
 
     def at_batch(self, batch_size: int) -> int:
-        """``total`` at another batch size (linear in the batch: within 1 % of a simulation at that batch
-        for the presets, tests/test_memory.py)."""
-        return self.fixed + self._slope() * int(batch_size)
+        """``total`` at another batch size: the forward + backward peak, linear in the batch (within 1 % of a
+        simulation at that batch for the presets, tests/test_memory.py), or the update's peak (clip + AdamW:
+        the parameters' size, the same at every batch) when that is larger."""
+        return max(self.fixed + self._slope() * int(batch_size), self.update_peak or 0)
 
     def largest_batch(self, budget: int) -> int:
         """The largest batch whose ``total`` fits in ``budget`` bytes (0 when not even 1 does)."""
+        if self.update_peak is not None and self.update_peak > budget:
+            return 0
         if self._slope() <= 0:
             return self.batch_size if self.total <= budget else 0
         return max(0, (int(budget) - self.fixed) // self._slope())
@@ -114,6 +129,8 @@ class MemoryEstimate:
                  + (f" ({self.per_image / 2**20:.1f} MiB per image)" if self.per_image is not None else "")]
         if self.ddp_buckets:
             parts.append(f"DDP buckets {self.ddp_buckets / GiB:.2f}")
+        if self.working_set:
+            parts.append(f"FSDP unsharded working set {self.working_set / GiB:.2f}")
         return ", ".join(parts) + " GiB"
 
 
@@ -130,6 +147,8 @@ class _StorageTracker(TorchDispatchMode):
         self.events: list[tuple[int, int]] = []  # (signed bytes, storage id), in order
         self._ids: dict[int, tuple[weakref.ref, int]] = {}  # id(storage object) -> (ref, sid)
         self._next = 0
+        self.watch: set[int] = set()  # storages whose copies are recorded (the parameters)
+        self.copy_of: dict[int, int] = {}  # sid of a dtype copy (``_to_copy``) -> sid of the watched source
 
     def sid(self, t: torch.Tensor) -> int | None:
         st = t.untyped_storage()
@@ -160,9 +179,14 @@ class _StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        src = None
+        if func is torch.ops.aten._to_copy.default and args and isinstance(args[0], torch.Tensor):
+            src = self.sid(args[0])  # autocast's weight casts arrive here
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
+                if src is not None and src in self.watch:
+                    self.copy_of[self.sid(t)] = src
         return out
 
 
@@ -214,7 +238,7 @@ def _simulate(model: nn.Module, *, batch_size: int, img_size: int, device: torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.utils.stateless import _reparametrize_module  # torch.func.functional_call's own (2.0 - 2.14)
 
-    from .optim import param_groups
+    from .optim import adamw_flags, param_groups
 
     fake = FakeTensorMode(allow_non_fake_inputs=False)
     tracker = _StorageTracker()
@@ -230,12 +254,14 @@ def _simulate(model: nn.Module, *, batch_size: int, img_size: int, device: torch
     with fake, tracker:
         for t in [*params.values(), *buffers.values()]:
             tracker.track(t)
+        block_sids = {tracker.sid(params[n]) for n in _block_parameter_names(model)}
+        tracker.watch = block_sids
         # the trainer's parameter groups, in its order: AdamW's per-tensor temporaries of one parameter
         # are still alive when the next one's are made, so the peak depends on which follows which
         name_of = {id(p): n for n, p in model.named_parameters()}
         groups = [{"params": [params[name_of[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
                   for g in param_groups(model, weight_decay=0.05)]
-        opt = torch.optim.AdamW(groups, lr=1e-4)
+        opt = torch.optim.AdamW(groups, lr=1e-4, **adamw_flags(trainable))  # the trainer's: fused on CUDA, else foreach
         # the state every step after the first starts with: one update from zero gradients creates it
         for p in trainable:
             p.grad = torch.zeros_like(p)
@@ -254,6 +280,7 @@ def _simulate(model: nn.Module, *, batch_size: int, img_size: int, device: torch
                 loss = model(images, mask, **kwargs)
             loss.backward()
         del images, mask, loss, kwargs
+        update_from = len(tracker.events)  # what follows: clip and AdamW (temporaries of the parameters' size)
         grad_sids = {tracker.sid(p.grad) for p in trainable if p.grad is not None}
         if clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(trainable, clip_grad)
@@ -264,20 +291,44 @@ def _simulate(model: nn.Module, *, batch_size: int, img_size: int, device: torch
                           if isinstance(t, torch.Tensor))
         grad_bytes = sum(p.untyped_storage().nbytes() for p in trainable)  # one gradient per parameter, same dtype
         # replay step 2: everything live, and "activations" = live - model - optimizer state - gradients
+        # ("fsdp": also without the autocast copies of the blocks' parameters)
+        cast_sids = set(tracker.copy_of)
         live = sum(n for n, _ in tracker.events[:start])
-        grads_live = state_live = 0
-        peak = act_peak = 0
-        for n, sid in tracker.events[start:]:
+        grads_live = state_live = casts_live = 0
+        peak = act_peak = fsdp_peak = update_peak = forward_peak = forward_act = update_live_peak = 0
+        for i, (n, sid) in enumerate(tracker.events[start:], start):
             live += n
             if sid in grad_sids:
                 grads_live += n
             elif sid in state_sids:
                 state_live += n
+            elif sid in cast_sids:
+                casts_live += n
             peak = max(peak, live)
             act_peak = max(act_peak, live - fixed_p - fixed_b - state_live - grads_live)
+            other = live - fixed_p - fixed_b - state_live - grads_live - casts_live
+            if i < update_from:  # forward + backward: grows with the batch
+                fsdp_peak = max(fsdp_peak, other)
+                forward_act = max(forward_act, other + casts_live)
+                forward_peak = max(forward_peak, live)
+            else:  # clip + AdamW: the parameters' size, whatever the batch
+                update_peak = max(update_peak, other)
+                update_live_peak = max(update_live_peak, live)
         del opt, params, buffers, trainable
     return {"params": fixed_p, "buffers": fixed_b, "grads": grad_bytes, "optimizer": state_bytes,
-            "activations": act_peak, "total": peak}
+            "activations": act_peak, "total": peak, "fsdp_activations": fsdp_peak, "update_temporaries": update_peak,
+            "forward_activations": forward_act, "forward_peak": forward_peak, "update_peak": update_live_peak}
+
+
+def _block_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters inside the model's transformer blocks (FSDP's block units); [] if none."""
+    from .fsdp import transformer_blocks
+
+    try:
+        blocks = transformer_blocks(model)
+    except ValueError:
+        return []
+    return [f"{name}.{n}" for name, b in blocks for n, _ in b.named_parameters()]
 
 
 def estimate_step_memory(
@@ -354,15 +405,18 @@ def estimate_step_memory(
         model.train(was_training)
     main = sims[batch_size]
     slope = None
-    if len(sims) > 1:
-        slope = max(0, (sims[max(sims)]["activations"] - sims[min(sims)]["activations"]) // (max(sims) - min(sims)))
+    if len(sims) > 1:  # the forward + backward part: the update's temporaries do not grow with the batch
+        slope = max(0, (sims[max(sims)]["forward_activations"] - sims[min(sims)]["forward_activations"])
+                    // (max(sims) - min(sims)))
         notes.append(f"simulated at batch {min(sims)} and {max(sims)}")
     ddp = main["grads"] if world_size > 1 else 0
     return MemoryEstimate(
         batch_size=batch_size, precision=precision, grad_checkpointing=ckpt_on, device=str(dev),
         params=main["params"], buffers=main["buffers"], grads=main["grads"], optimizer=main["optimizer"],
         activations=main["activations"], per_image=slope, total=main["total"] + ddp, ddp_buckets=ddp,
-        notes=tuple(notes),
+        notes=tuple(notes), fsdp_activations=main["fsdp_activations"],
+        update_temporaries=main["update_temporaries"], forward_peak=main["forward_peak"] + ddp,
+        update_peak=main["update_peak"] + ddp,
     )
 
 

@@ -10,7 +10,10 @@ optimizer step. ``recipe`` picks the rules (``models.presets.RECIPES``):
       one of its ``no_weight_decay_keywords()``. The official ``SimMIM`` wrapper prefixes both sets with
       ``encoder.``, so the Swin keyword ``encoder.relative_position_bias_table`` matches no parameter
       (they are ``encoder.layers.i.blocks.j.attn.relative_position_bias_table``): the Swin tables ARE
-      decayed; its names are ``encoder.absolute_pos_embed`` and ``encoder.mask_token``. The ViT has
+      decayed; its names are ``encoder.absolute_pos_embed`` and ``encoder.mask_token``. SwinV2 (the
+      microsoft/Swin-Transformer SimMIM code, same optimizer rules) has the keywords ``cpb_mlp``,
+      ``logit_scale`` and ``relative_position_bias_table``, prefixed the same way: its CPB-MLP weights and
+      ``logit_scale`` (3-D) ARE decayed in pretraining. The ViT has
       ``encoder.pos_embed`` and ``encoder.cls_token`` only, so its mask token and shared
       relative-position table are decayed too.
     - the lr lags one step: the schedule's constructor sets ``warmup_lr`` (``base_lr`` without
@@ -45,6 +48,7 @@ def official_no_decay_sets(model: nn.Module) -> tuple[set[str], set[str]]:
     """
     from timm.models.beit import Beit
     from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
 
     from ..models.simmim import SimMIM
 
@@ -57,12 +61,19 @@ def official_no_decay_sets(model: nn.Module) -> tuple[set[str], set[str]]:
         # SwinTransformerForSimMIM adds 'mask_token' to the names
         names = {"absolute_pos_embed"} | ({"mask_token"} if hasattr(model, "mask_token") else set())
         return names, {"relative_position_bias_table"}
+    if isinstance(model, SwinTransformerV2):
+        # microsoft/Swin-Transformer SwinTransformerV2: {'absolute_pos_embed'} / {'cpb_mlp', 'logit_scale',
+        # 'relative_position_bias_table'}; SwinTransformerV2ForSimMIM adds 'mask_token' to the names. Under the
+        # SimMIM wrapper's 'encoder.' prefix the keywords match nothing: cpb_mlp.{0,2}.weight and logit_scale
+        # (nH, 1, 1) ARE decayed in official SwinV2 pretraining; a bare fine-tuning model's are not.
+        names = {"absolute_pos_embed"} | ({"mask_token"} if hasattr(model, "mask_token") else set())
+        return names, {"cpb_mlp", "logit_scale", "relative_position_bias_table"}
     if isinstance(model, Beit):
         # VisionTransformer: {'pos_embed', 'cls_token'}, no keywords (VisionTransformerForSimMIM adds nothing)
         return {"pos_embed", "cls_token"}, set()
     raise TypeError(
-        f"model: the official weight-decay rules are defined for the SimMIM model, a Swin or a BEiT-style ViT "
-        f"(timm SwinTransformer / Beit); got {type(model).__name__} (use recipe='clean')"
+        f"model: the official weight-decay rules are defined for the SimMIM model, a Swin, a SwinV2 or a BEiT-style "
+        f"ViT (timm SwinTransformer / SwinTransformerV2 / Beit); got {type(model).__name__} (use recipe='clean')"
     )
 
 
@@ -95,6 +106,24 @@ def param_groups(model: nn.Module, *, weight_decay: float, recipe: str = "clean"
     ]
 
 
+#: AdamW implementations: ``auto`` = ``fused`` (one multi-tensor CUDA kernel per step) when every
+#: parameter is a floating CUDA tensor, else ``foreach``; ``single`` is the per-parameter loop. Same
+#: update rule, same state (``step``, ``exp_avg``, ``exp_avg_sq``): their checkpoints load into each
+#: other (``training.optim_state``).
+ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "single")
+
+
+def adamw_implementation(params, implementation: str = "auto") -> str:
+    """The AdamW implementation ``implementation`` resolves to for ``params`` (``fused``/``foreach``/``single``)."""
+    if not isinstance(implementation, str) or implementation not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected one of {', '.join(ADAMW_IMPLEMENTATIONS)}, got {implementation!r}")
+    if implementation != "auto":
+        return implementation
+    params = list(params)
+    cuda = bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+    return "fused" if cuda else "foreach"
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -103,9 +132,19 @@ def build_optimizer(
     betas=(0.9, 0.999),
     eps: float = 1e-8,
     recipe: str = "clean",
+    implementation: str = "auto",
 ) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (build it after moving the model to its device: ``implementation``
+    ``"auto"`` picks ``fused`` for CUDA parameters, ``foreach`` otherwise; see ``ADAMW_IMPLEMENTATIONS``)."""
     groups = param_groups(model, weight_decay=weight_decay, recipe=recipe)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    flags = adamw_flags((p for g in groups for p in g["params"]), implementation)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **flags)
+
+
+def adamw_flags(params, implementation: str = "auto") -> dict:
+    """``torch.optim.AdamW`` keyword arguments of :func:`adamw_implementation` (``fused=True`` / ``foreach=...``)."""
+    impl = adamw_implementation(params, implementation)
+    return {"fused": dict(fused=True), "foreach": dict(foreach=True), "single": dict(foreach=False)}[impl]
 
 
 class WarmupScheduler:

@@ -1,18 +1,21 @@
 """One optimizer step built from micro-batches: shared by pretraining and fine-tuning loops.
 
-Handles gradient accumulation (DDP ``no_sync`` on all but the last micro-batch), the per-step
-learning rate, GradScaler, grad-norm clipping, and keeps the loss sum and a NaN/inf flag on the
-device, so that the loop touches the host only at its log and save steps.
+Handles gradient accumulation (DDP ``no_sync`` / FSDP2 without gradient sync on all but the last
+micro-batch: ``training.fsdp.no_gradient_sync``), the per-step
+learning rate, GradScaler, grad-norm clipping (``clip_grad_norm_`` with the foreach kernels: one
+multi-tensor norm and one multi-tensor scale, the official total 2-norm), and keeps the loss sum and a
+NaN/inf flag on the device, so that the loop touches the host only at its log and save steps. The
+whole step captured in a CUDA graph is ``training.cuda_graphs.GraphedStepper``.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from .distributed import DistInfo
+from .fsdp import no_gradient_sync
 
 
 class Stepper:
@@ -35,6 +38,7 @@ class Stepper:
         self.loss_count = 0
         self.grad_norm = torch.zeros((), device=device)
         self.micro = 0
+        self.params = list(model.parameters())
 
     def micro_step(self, step: int, compute_loss: Callable[[], torch.Tensor]) -> bool:
         """Forward + backward of one micro-batch; True when it completed optimizer step ``step``.
@@ -45,7 +49,7 @@ class Stepper:
         if self.micro % self.accum_steps == 0:
             self.scheduler.step_update(step)
         no_sync = self.info.distributed and not last
-        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+        with no_gradient_sync(self.model, no_sync):  # DDP no_sync / FSDP2 set_requires_gradient_sync(False)
             loss = compute_loss()
             self.scaler.scale(loss / self.accum_steps).backward()
         loss_d = loss.detach()
@@ -57,7 +61,9 @@ class Stepper:
             return False
         if self.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad, foreach=True)
+            if hasattr(self.grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+                self.grad_norm = self.grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
