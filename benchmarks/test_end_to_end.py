@@ -9,7 +9,7 @@ then timed round by round, variant after variant, so that clock and thermal drif
 alike. A round is ``STEPS`` back-to-back steps between two CUDA events (wall clock on CPU); a row
 reports the median round.
 
-CUDA: Swin-B/192 and ViT-B/224 (drop path 0 for every variant, so that first-step losses compare),
+CUDA: Swin-B/192, ViT-B/224 and SwinV2-B/192 (drop path 0 for every variant, so that first-step losses compare),
 batch 128, bf16 autocast, Inductor. CPU: the small presets at 64 px, batch 2, fp32, and
 ``torch.compile`` with the ``aot_eager`` backend (Inductor's C++ code generation takes minutes per graph
 on two cores; aot_eager traces the same graphs without it: on CPU the compiled rows check the code path,
@@ -51,10 +51,12 @@ from simmim_fast.models import get_preset
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 if CUDA:
-    CASES = {"swin_base_192": {"drop_path_rate": 0.0}, "vit_base_224": {"drop_path_rate": 0.0}}
+    CASES = {"swin_base_192": {"drop_path_rate": 0.0}, "vit_base_224": {"drop_path_rate": 0.0},
+             "swinv2_base_192": {"drop_path_rate": 0.0}}
 else:
     CASES = {"swin_tiny_cpu": dict(img_size=64, depths=(2, 2, 2, 1), drop_path_rate=0.0),
-             "vit_tiny_cpu": dict(img_size=64, depth=2, drop_path_rate=0.0)}
+             "vit_tiny_cpu": dict(img_size=64, depth=2, drop_path_rate=0.0),
+             "swinv2_tiny_cpu": dict(img_size=64, window_size=4, depths=(2, 2, 2, 1), drop_path_rate=0.0)}
 BATCH = int(os.environ.get("SIMMIM_E2E_BATCH", 128 if CUDA else 2))
 ROUNDS = int(os.environ.get("SIMMIM_E2E_ROUNDS", 5 if CUDA else 3))
 STEPS = int(os.environ.get("SIMMIM_E2E_STEPS", 10 if CUDA else 2))

@@ -6,6 +6,9 @@ Batch: ``SIMMIM_BENCH_BATCH`` (default 8 on CPU, 128 on CUDA); precision fp32 on
 The model's defaults run (``auto``: Triton ops and xformers/SDPA window attention on CUDA, the
 references on CPU); the masked-only head's token index is computed on the CPU mask before timing, as
 the trainer does, so no step waits on the device. CUDA timings synchronise inside the timed call.
+``peak_step_memory_gib`` (CUDA only): ``max_memory_allocated`` during the first step minus what the
+model, its inputs and the (still empty) optimizer held before it: activations, gradients, AdamW state.
+``swinv2_base_192`` is the SwinV2-B SimMIM config (normalised targets, cosine attention on SDPA).
 The side-by-side GPU comparison (official-equivalent, SDPA, ours, compiled) is ``gpu_evidence.py``.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from simmim_fast.training.optim import build_optimizer
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 BATCH = int(os.environ.get("SIMMIM_BENCH_BATCH", 128 if CUDA else 8))
-PRESETS = ["swin_tiny_cpu", "swin_base_192", "vit_base_224"]
+PRESETS = ["swin_tiny_cpu", "swin_base_192", "vit_base_224", "swinv2_base_192"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -47,9 +50,14 @@ def test_train_step(benchmark, preset):
         if CUDA:
             torch.cuda.synchronize()
 
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     step()  # warm-up (allocations, autotuning)
+    peak = torch.cuda.max_memory_allocated() - before if CUDA else None
     rounds = 3 if (not CUDA and preset != "swin_tiny_cpu") else 10
     benchmark.pedantic(step, rounds=rounds, iterations=1)
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(preset=preset, batch=BATCH, device=str(DEVICE), img_per_s=BATCH / mean,
-                                precision="bf16" if CUDA else "fp32")
+                                precision="bf16" if CUDA else "fp32",
+                                peak_step_memory_gib=None if peak is None else peak / 2**30)

@@ -9,8 +9,10 @@ sections) build every variant from here. A variant is one way to run the same Si
                             shuffle and the full-resolution-mask L1 loss, timm's attention with an
                             explicit softmax (``fused_attn=False``; Swin: timm's ``WindowAttention``),
                             foreach AdamW, the plain clip
-``timm_sdpa``               as ``official_equiv`` with timm's SDPA attention (``fused_attn=True``)
-``sdpa_attn``               (Swin) reference ops, full head, our window attention with ``backend="sdpa"``
+``timm_sdpa``               as ``official_equiv`` with timm's SDPA attention (``fused_attn=True``; not
+                            for SwinV2: timm's cosine attention has no SDPA branch)
+``sdpa_attn``               (Swin, SwinV2) reference ops, full head, our window attention with
+                            ``backend="sdpa"``
 ``official_equiv_compiled`` ``torch.compile`` of ``official_equiv`` (the whole model)
 ``ours``                    ``create_model(preset)`` defaults (fused ops and attention where they run),
                             the masked-only head with its static token count, AdamW ``auto`` (fused on
@@ -53,21 +55,24 @@ class E2EVariant:
 
 def e2e_variants(arch: str, *, ours_ops: str = "auto") -> list[E2EVariant]:
     """Every variant of one architecture (``"swin"``, ``"swinv2"`` or ``"vit"``), in table order."""
-    swin = arch == "swin"
-    official_kwargs = dict(ops_backend="reference", masked_head=False, **({"attn_backend": "timm"} if swin else {}))
+    if arch not in ("swin", "swinv2", "vit"):
+        raise ValueError(f"arch: expected 'swin', 'swinv2' or 'vit', got {arch!r}")
+    windowed = arch in ("swin", "swinv2")
+    official_kwargs = dict(ops_backend="reference", masked_head=False, **({"attn_backend": "timm"} if windowed else {}))
     official = E2EVariant(
         "official_equiv",
         "microsoft/SimMIM math: reference ops, full 1x1-conv head + pixel shuffle + full-resolution-mask L1, timm "
-        "attention with explicit softmax (fused_attn off)" + (", timm WindowAttention" if swin else "")
+        "attention with explicit softmax (fused_attn off)" + (", timm WindowAttention" if arch == "swin" else "")
+        + (", timm's cosine WindowAttention (no fused branch in timm)" if arch == "swinv2" else "")
         + ", foreach AdamW",
         official_kwargs, timm_fused_attn=False)
-    out = [
-        official,
-        dataclasses.replace(official, name="timm_sdpa", timm_fused_attn=True,
-                            description="as official_equiv with timm's SDPA attention (fused_attn=True)"),
-    ]
-    if swin:
-        out.append(E2EVariant("sdpa_attn", "reference ops, full head, our window attention backend='sdpa'",
+    out = [official]
+    if arch != "swinv2":  # timm's SwinV2 attention has no SDPA branch: the row would repeat official_equiv
+        out.append(dataclasses.replace(official, name="timm_sdpa", timm_fused_attn=True,
+                                       description="as official_equiv with timm's SDPA attention (fused_attn=True)"))
+    if windowed:
+        out.append(E2EVariant("sdpa_attn", "reference ops, full head, our window attention backend='sdpa'"
+                              + (" (cosine attention)" if arch == "swinv2" else ""),
                               dict(ops_backend="reference", masked_head=False, attn_backend="sdpa")))
     out.append(dataclasses.replace(official, name="official_equiv_compiled", compile="model",
                                    description="torch.compile of official_equiv (the whole model)"))
@@ -104,12 +109,17 @@ def set_timm_fused_attn(model: torch.nn.Module, flag: bool) -> int:
 
 def attention_paths(model: torch.nn.Module) -> dict:
     """Count of attention modules per (class, backend / fused flag): what a variant really runs."""
+    from timm.models.swin_transformer_v2 import WindowAttention as TimmWindowAttentionV2
+
     from .models.window_attention import WindowAttention
+    from .models.window_attention_v2 import WindowAttentionV2
 
     counts: dict = {}
     for m in model.modules():
-        if isinstance(m, WindowAttention):
-            key = f"simmim_fast.WindowAttention(backend={m.backend})"
+        if isinstance(m, (WindowAttention, WindowAttentionV2)):
+            key = f"simmim_fast.{type(m).__name__}(backend={m.backend})"
+        elif isinstance(m, TimmWindowAttentionV2):  # timm's cosine attention: explicit softmax, no fused branch
+            key = f"timm.swin_transformer_v2.{type(m).__name__}"
         elif hasattr(m, "fused_attn"):
             key = f"timm.{type(m).__name__}(fused_attn={m.fused_attn})"
         else:

@@ -555,7 +555,9 @@ def test_names_agree_and_info_reports_the_step():
     text = "\n".join(format_fast_step(report))
     assert "cuda_graphs" in text and "static count" in text
     cuda = fast_step_report("cuda")  # what a GPU run would use (no device needed to decide)
-    assert cuda["compile"]["what"].endswith("blocks") and cuda["cuda_graphs"]["active"]
+    assert cuda["compile"]["what"].endswith("blocks")
+    # auto keeps the capture off on CUDA until it has run on a GPU; the reason says how to turn it on
+    assert not cuda["cuda_graphs"]["active"] and "--cuda-graphs on" in cuda["cuda_graphs"]["reasons"][0]
     assert "fused" in cuda["optimizer"]["what"]
 
 

@@ -571,7 +571,8 @@ def test_reference_and_auto_backends_agree_on_cpu():
 
 def test_backend_report_lists_reasons():
     report = ops.backend_report("meta")
-    assert set(report) == {"mask_token_fill", "pixel_shuffle_head", "masked_l1_loss", "masked_head_loss"}
+    assert set(report) == {"mask_token_fill", "pixel_shuffle_head", "masked_l1_loss", "masked_head_loss",
+                           "swin_window_attention", "normalize_targets"}
     for name, reasons in report.items():
         assert isinstance(reasons, list) and reasons, name
         assert all(isinstance(r, str) and r for r in reasons)

@@ -102,3 +102,11 @@ def test_impossible_batch_fails_before_the_first_step(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--batch-size" in err and "largest batch that fits" in err
     assert not list_checkpoints(out)
+
+
+def test_one_gpu_index_for_every_local_rank_is_refused(tmp_path, capsys, monkeypatch):
+    """``--device cuda:1`` under torchrun with 2 local processes: refused before anything starts (exit 2)."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train.main(["--max-steps", "1", "--output", str(tmp_path / "r"), "--device", "cuda:1"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "one GPU" in err

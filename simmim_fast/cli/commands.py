@@ -141,9 +141,9 @@ TRAIN = Command(
                help="fused ops: auto = Triton on CUDA, the PyTorch reference otherwise"),
         ATTN_BACKEND, COMPILE, COMPILE_BACKEND,
         Option("cuda_graphs", str, "auto", choices=names.CUDA_GRAPH_MODES, const="on", resumed=False,
-               help="capture the whole step (forward, backward, clip, AdamW) in a CUDA graph and replay it; auto = on "
-                    "where the capture can hold (CUDA, bf16/fp32, one process, no accumulation), else off with the "
-                    "reason logged; the flag alone means on"),
+               help="capture the whole step (forward, backward, clip, AdamW) in a CUDA graph and replay it; on = where "
+                    "the capture can hold (CUDA, bf16/fp32, one process, no accumulation), else off with the reason "
+                    "logged; auto = off until the capture has been verified on a GPU; the flag alone means on"),
         LOG_EVERY,
         Option("save_every", int, 100, range=POSITIVE, help="optimizer steps between checkpoints"),
         KEEP_CHECKPOINTS,

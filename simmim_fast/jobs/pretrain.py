@@ -33,7 +33,7 @@ from ..training import fsdp
 from ..training import sharded_checkpoint as sharded
 from ..training.cli import TrainingDiverged, quiet_other_ranks
 from ..training.compile import compile_model, compile_stats
-from ..training.cuda_graphs import DeviceLr, GraphedStepper, cuda_graph_reasons, make_capturable
+from ..training.cuda_graphs import DeviceLr, GraphedStepper, cuda_graph_reasons, make_capturable, resolve_cuda_graphs
 from ..training.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from ..training.memory import check_step_memory
 from ..training.metrics import MetricsLog
@@ -274,8 +274,8 @@ def _train(a: TrainArgs, info: DistInfo, run_scope: contextlib.ExitStack) -> dic
     scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
     graph_reasons = cuda_graph_reasons(device=device, precision=plan.precision, distributed=info.distributed,
                                        accum_steps=a.accum_steps, grad_checkpointing=a.grad_checkpointing)
-    use_graphs = a.cuda_graphs != "off" and not graph_reasons
-    if info.is_main and a.cuda_graphs != "off" and graph_reasons:
+    use_graphs, graph_reasons = resolve_cuda_graphs(a.cuda_graphs, graph_reasons)
+    if info.is_main and graph_reasons:
         (log.warning if a.cuda_graphs == "on" else log.info)("CUDA graphs: off: %s", "; ".join(graph_reasons))
     if use_graphs:  # AdamW capturable, its lr a device tensor the schedule writes (no re-capture)
         scheduler = DeviceLr(scheduler, make_capturable(optimizer))

@@ -22,6 +22,7 @@ from . import mask_token_fill as _fill_mod
 from . import masked_head as _head_mod
 from . import masked_l1_loss as _loss_mod
 from . import pixel_shuffle_head as _shuffle_mod
+from . import norm_target as _norm_mod
 from . import window_attention as _wattn_mod
 from ._common import BACKENDS
 from .mask_token_fill import mask_token_fill, mask_token_fill_reference
@@ -70,4 +71,5 @@ def backend_report(device: str | torch.device | None = None) -> dict[str, list[s
         "swin_window_attention": _wattn_mod.not_supported_reasons(
             torch.zeros(1, 2, 2, 12, device=dev), torch.zeros(9, 2, device=dev), num_heads=2, window_size=2,
             shift_size=1),
+        "normalize_targets": _norm_mod.not_supported_reasons(img, patch_size=3),
     }

@@ -53,12 +53,34 @@ def cuda_graph_reasons(
     if precision == "fp16":
         reasons.append("precision fp16: its GradScaler checks for inf gradients on the host every step (use bf16)")
     if distributed:
-        reasons.append("DDP (several processes): its bucketed gradient all-reduce is not captured here")
+        reasons.append("several processes (DDP or FSDP): their gradient collectives are not captured here")
     if accum_steps != 1:
         reasons.append(f"--accum-steps {accum_steps}: one captured step is one micro-batch per optimizer step")
     if grad_checkpointing:
         reasons.append("activation checkpointing: it saves and restores the RNG state inside backward")
     return reasons
+
+
+# the capture and replay have never run on a GPU: until they have, ``auto`` keeps them off
+AUTO_OFF_REASON = ("--cuda-graphs auto is off until the whole-step capture has been verified on a GPU "
+                   "(--cuda-graphs on turns it on)")
+
+
+def resolve_cuda_graphs(mode: str, reasons: list[str]) -> tuple[bool, list[str]]:
+    """``(use, why_not)`` for ``--cuda-graphs mode`` given :func:`cuda_graph_reasons`' ``reasons``.
+
+    ``off``: never. ``on``: where no reason stands against it. ``auto``: off for now (``AUTO_OFF_REASON``),
+    the standing reasons listed first.
+    """
+    if mode not in CUDA_GRAPH_MODES:
+        raise ValueError(f"cuda_graphs: expected one of {CUDA_GRAPH_MODES}, got {mode!r}")
+    if mode == "off":
+        return False, []
+    if reasons:
+        return False, list(reasons)
+    if mode == "auto":
+        return False, [AUTO_OFF_REASON]
+    return True, []
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> torch.Tensor:

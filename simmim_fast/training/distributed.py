@@ -44,6 +44,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if isinstance(device, str) and device.startswith("cuda:") and local_world > 1:
+        # every local rank on the same GPU: NCCL refuses it (or the GPUs of the others sit idle)
+        raise ValueError(f"--device: {device!r} would put all {local_world} processes of this node on one GPU; "
+                         f"under torchrun use --device cuda (or auto): local rank r takes GPU r")
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))

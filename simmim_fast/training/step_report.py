@@ -40,12 +40,12 @@ def fast_step_report(device: str | None = None) -> dict:
                 "reasons": [] if impl == "fused" else [f"fused AdamW is used on CUDA; {dev.type} runs foreach"]}
 
     def graphs_part():
-        from .cuda_graphs import cuda_graph_reasons
+        from .cuda_graphs import cuda_graph_reasons, resolve_cuda_graphs
 
         precision = "bf16" if dev.type == "cuda" else "fp32"
-        reasons = cuda_graph_reasons(device=dev, precision=precision, distributed=False, accum_steps=1)
-        return {"active": not reasons, "what": "--cuda-graphs auto -> " + ("on" if not reasons else "off"),
-                "reasons": reasons}
+        use, reasons = resolve_cuda_graphs(
+            "auto", cuda_graph_reasons(device=dev, precision=precision, distributed=False, accum_steps=1))
+        return {"active": use, "what": "--cuda-graphs auto -> " + ("on" if use else "off"), "reasons": reasons}
 
     def head_part():
         from ..data.masking import MaskGenerator
