@@ -110,3 +110,16 @@ def test_one_gpu_index_for_every_local_rank_is_refused(tmp_path, capsys, monkeyp
     assert train.main(["--max-steps", "1", "--output", str(tmp_path / "r"), "--device", "cuda:1"]) == 2
     err = capsys.readouterr().err
     assert "--device" in err and "one GPU" in err
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_folder_of_unreadable_files_is_bad_input(tmp_path, capsys, workers):
+    """Every file unreadable: exit 2 with one line naming the folder (a traceback before; also from a loader worker)."""
+    data = tmp_path / "junk"
+    data.mkdir()
+    for i in range(3):
+        (data / f"x{i}.jpg").write_bytes(b"not a jpeg")
+    assert train.main(["--max-steps", "1", "--output", str(tmp_path / "r"), "--data", str(data),
+                       "--num-workers", str(workers)]) == 2
+    err = capsys.readouterr().err
+    assert "error: data: none of the 3 files" in err and str(data) in err and "Traceback" not in err

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from .decode import to_rgb
-from .folder import IMG_EXTENSIONS, _real_id, walk_image_files
+from .folder import IMG_EXTENSIONS, UnreadableDataError, _real_id, walk_image_files
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ConvertRGB
 
 log = logging.getLogger("simmim_fast.data")
@@ -206,8 +206,8 @@ class ClassificationFolder(Dataset):
                 random.setstate(py_state)
                 np.random.set_state(np_state)
             return image, label, skipped
-        raise RuntimeError(f"could not read any image after {tries} tries from index {index} under {self.root} "
-                           f"(max_skip={self.max_skip}): {type(last).__name__}: {last}") from last
+        raise UnreadableDataError(f"data: could not read any image after {tries} tries from index {index} under "
+                                  f"{self.root} (max_skip={self.max_skip}): {type(last).__name__}: {last}") from last
 
 
 def classification_collate(batch):

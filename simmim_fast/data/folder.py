@@ -138,6 +138,12 @@ def _load_rgb(path: pathlib.Path) -> Image.Image:
         return to_rgb(img)
 
 
+
+class UnreadableDataError(RuntimeError, ValueError):
+    """No readable image within ``max_skip`` files of a sample: bad input (a ``ValueError``, so the CLIs exit 2
+    with this one line), and a ``RuntimeError`` as before. One message argument, so that a DataLoader worker
+    re-raises it in the main process with its type."""
+
 class SimMIMImageDataset(Dataset):
     """Images under ``root`` -> ``(image (3,S,S) float32, mask (h,w) int64, skipped int)``.
 
@@ -233,9 +239,10 @@ class SimMIMImageDataset(Dataset):
                 last_error = exc
                 self._name_skipped(path, exc)
         shown = tried[-5:]
-        raise RuntimeError(
-            f"could not read any image after {len(tried)} tries starting at index {index} "
-            f"(max_skip={self.max_skip}); last files tried: {shown}; "
+        what = (f"none of the {n} files under {str(self.root)!r} is a readable image" if len(tried) == n
+                else f"could not read any image after {len(tried)} tries starting at index {index}")
+        raise UnreadableDataError(
+            f"data: {what} (max_skip={self.max_skip}); last files tried: {shown}; "
             f"last error: {type(last_error).__name__}: {last_error}"
         ) from last_error
 

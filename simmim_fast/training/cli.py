@@ -19,10 +19,25 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; nothing was saved after it."""
 
 
+def _message(e: BaseException) -> str:
+    """``e``'s message on one line; an error re-raised from a DataLoader worker (its message is the worker's
+    whole traceback, "Caught X in DataLoader worker process N. Original Traceback ...") gives its last line,
+    the original message, without the ``module.Class:`` prefix."""
+    text = str(e)
+    if "in DataLoader worker process" in text and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name = type(e).__module__ + "." + type(e).__qualname__
+        for prefix in (name + ": ", type(e).__qualname__ + ": "):
+            if last.startswith(prefix):
+                last = last[len(prefix):]
+        text = last
+    return " ".join(text.split())
+
+
 def _report(e: BaseException, debug: bool) -> None:
     if debug:
         traceback.print_exception(e, file=sys.stderr)
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    print("error: " + _message(e), file=sys.stderr)
 
 
 def run_cli(job: Callable[[], object], argv: Sequence[str] | None = None, *, level: int = logging.INFO) -> int:
