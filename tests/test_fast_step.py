@@ -401,6 +401,17 @@ def test_cuda_graph_reasons():
         assert needle in text
 
 
+def test_cuda_graphs_auto_stays_off_until_verified():
+    from simmim_fast.training.cuda_graphs import AUTO_OFF_REASON, resolve_cuda_graphs
+
+    assert resolve_cuda_graphs("on", []) == (True, [])
+    assert resolve_cuda_graphs("auto", []) == (False, [AUTO_OFF_REASON])
+    assert resolve_cuda_graphs("off", ["device is cpu"]) == (False, [])
+    assert resolve_cuda_graphs("on", ["device is cpu"]) == (False, ["device is cpu"])
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        resolve_cuda_graphs("yes", [])
+
+
 def test_device_lr_schedule_equals_float_schedule():
     m = _tiny_model()
     for recipe in ("clean", "official"):
