@@ -138,11 +138,11 @@ def _load_rgb(path: pathlib.Path) -> Image.Image:
         return to_rgb(img)
 
 
-
 class UnreadableDataError(RuntimeError, ValueError):
     """No readable image within ``max_skip`` files of a sample: bad input (a ``ValueError``, so the CLIs exit 2
     with this one line), and a ``RuntimeError`` as before. One message argument, so that a DataLoader worker
     re-raises it in the main process with its type."""
+
 
 class SimMIMImageDataset(Dataset):
     """Images under ``root`` -> ``(image (3,S,S) float32, mask (h,w) int64, skipped int)``.

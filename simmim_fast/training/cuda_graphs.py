@@ -69,8 +69,8 @@ AUTO_OFF_REASON = ("--cuda-graphs auto is off until the whole-step capture has b
 def resolve_cuda_graphs(mode: str, reasons: list[str]) -> tuple[bool, list[str]]:
     """``(use, why_not)`` for ``--cuda-graphs mode`` given :func:`cuda_graph_reasons`' ``reasons``.
 
-    ``off``: never. ``on``: where no reason stands against it. ``auto``: off for now (``AUTO_OFF_REASON``),
-    the standing reasons listed first.
+    ``off``: never (no reasons listed). ``on``: where no reason stands against it, else off with them.
+    ``auto``: off for now; the standing reasons when there are any, else ``AUTO_OFF_REASON``.
     """
     if mode not in CUDA_GRAPH_MODES:
         raise ValueError(f"cuda_graphs: expected one of {CUDA_GRAPH_MODES}, got {mode!r}")
