@@ -212,6 +212,7 @@ class Timer:
 
     def __init__(self, torch_mod, device, warmup: int = 3):
         self.torch = torch_mod
+        self.device = device
         self.cuda = device.type == "cuda"
         self.warmup = warmup
         self._cycles_per_ms: Optional[float] = None
@@ -221,21 +222,11 @@ class Timer:
             self.torch.cuda.synchronize()
 
     def total_s(self, fn: Callable[[], Any], reps: int) -> float:
-        """Seconds for ``reps`` back-to-back calls, waited for (events on CUDA)."""
-        torch = self.torch
-        self.sync()
-        if not self.cuda:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            return time.perf_counter() - t0
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        """Seconds for ``reps`` back-to-back calls, waited for (events on CUDA):
+        ``simmim_fast.benchmarking.device_seconds``."""
+        from simmim_fast.benchmarking import device_seconds
+
+        return device_seconds(fn, reps, self.device)
 
     def _sleep_cycles_per_ms(self) -> float:
         if self._cycles_per_ms is None:

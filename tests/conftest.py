@@ -19,6 +19,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """A private cache for the embedded photographs (``SIMMIM_FAST_CACHE``) for one test module, for
+    in-process runs and subprocesses alike; yields the environment to pass to subprocesses."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("SIMMIM_FAST_CACHE")
+    os.environ["SIMMIM_FAST_CACHE"] = str(cache)
+    yield dict(os.environ)
+    if old is None:
+        os.environ.pop("SIMMIM_FAST_CACHE", None)
+    else:
+        os.environ["SIMMIM_FAST_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """The CLIs set torch's thread count for their process (``--threads``); in-process test runs must not

@@ -43,18 +43,6 @@ CPU = torch.device("cpu")
 ONE = DistInfo(rank=0, local_rank=0, world_size=1, device=CPU)
 
 
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("SIMMIM_FAST_CACHE")
-    os.environ["SIMMIM_FAST_CACHE"] = str(cache)
-    yield dict(os.environ)
-    if old is None:
-        os.environ.pop("SIMMIM_FAST_CACHE", None)
-    else:
-        os.environ["SIMMIM_FAST_CACHE"] = old
-
-
 @pytest.fixture
 def group():
     """A 1-rank gloo process group for this test (FSDP2 and DCP collectives over one process)."""

@@ -6,7 +6,6 @@ test_memory.py; these runs check that the CLI passes them through (small preset 
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,9 @@ FAST = ["--img-size", "96", "--batch-size", "2", "--num-workers", "0"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache_env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("SIMMIM_FAST_CACHE")
-    os.environ["SIMMIM_FAST_CACHE"] = str(cache)
+def _private_cache(cache_env):
+    """Every test of this module uses the private photo cache (``conftest.cache_env``)."""
     yield
-    if old is None:
-        os.environ.pop("SIMMIM_FAST_CACHE", None)
-    else:
-        os.environ["SIMMIM_FAST_CACHE"] = old
 
 
 def lrs(run: Path) -> dict[int, float]:
